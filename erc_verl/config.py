@@ -1,0 +1,141 @@
+"""ERC configuration: the `policy_loss` dataclass with the ERC band, and start-up checks on a whole verl config.
+
+Every check here runs in the driver before any Ray worker starts, and fails with the full key name and what is
+allowed (the dataclass checks also run wherever verl instantiates the actor config).
+"""
+
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from verl.workers.config import PolicyLossConfig
+
+POLICY_LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
+ERC_CONFIG_TARGET = "erc_verl.config.ErcPolicyLossConfig"
+ERC_PREFIX = "erc_"
+# loss modes that read ERC/GPPO settings from ErcPolicyLossConfig
+GPPO_MODES = ("gppo",)
+
+
+class ErcConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what is allowed."""
+
+
+def is_erc_mode(loss_mode: str) -> bool:
+    return loss_mode.startswith(ERC_PREFIX)
+
+
+def erc_base_mode(loss_mode: str) -> str:
+    """`erc_dapo` -> `vanilla` (DAPO's token loss is verl's vanilla PPO loss), `erc_<name>` -> `<name>`."""
+    base = loss_mode[len(ERC_PREFIX) :]
+    return "vanilla" if base == "dapo" else base
+
+
+def check_erc_band(beta_low, beta_high) -> None:
+    """The band (1 - beta_low, 1 + beta_high) must be a non-empty interval of positive ratios."""
+    if isinstance(beta_low, bool) or not isinstance(beta_low, (int, float)) or not 0.0 < beta_low < 1.0:
+        raise ErcConfigError(f"{POLICY_LOSS_KEY}.erc_beta_low={beta_low!r}: must be a number in (0, 1)")
+    if isinstance(beta_high, bool) or not isinstance(beta_high, (int, float)) or not beta_high > 0.0:
+        raise ErcConfigError(f"{POLICY_LOSS_KEY}.erc_beta_high={beta_high!r}: must be a number > 0")
+
+
+@dataclass
+class ErcPolicyLossConfig(PolicyLossConfig):
+    """verl's `PolicyLossConfig` plus the ERC band (paper and official code: 0.05 on both sides).
+
+    Select it with `actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig`
+    (`erc-verl train` does so by itself for `erc_*` and `gppo` loss modes).
+    """
+
+    erc_beta_low: float = 0.05
+    erc_beta_high: float = 0.05
+
+    def __post_init__(self):
+        check_erc_band(self.erc_beta_low, self.erc_beta_high)
+
+
+def _select(cfg: DictConfig, key: str, default=None):
+    return OmegaConf.select(cfg, key, default=default)
+
+
+def _is_erc_config_target(target) -> bool:
+    from hydra.utils import get_class
+
+    try:
+        return isinstance(target, str) and issubclass(get_class(target), ErcPolicyLossConfig)
+    except (ImportError, ValueError):
+        return False
+
+
+def check_erc_config(cfg: DictConfig) -> None:
+    """Start-up checks for a verl config that selects an ERC (or GPPO) loss; a no-op for other loss modes."""
+    loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
+    if not (is_erc_mode(loss_mode) or loss_mode in GPPO_MODES):
+        return
+    target = _select(cfg, f"{POLICY_LOSS_KEY}._target_")
+    if is_erc_mode(loss_mode):
+        if not _is_erc_config_target(target):
+            raise ErcConfigError(
+                f"{POLICY_LOSS_KEY}._target_={target!r}: loss_mode={loss_mode} needs {ERC_CONFIG_TARGET} "
+                "(it carries erc_beta_low / erc_beta_high)"
+            )
+        check_erc_band(_select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_low"), _select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_high"))
+        check_entropies_can_arrive(cfg, loss_mode)
+    for side in ("clip_ratio_low", "clip_ratio_high"):
+        eps = _select(cfg, f"actor_rollout_ref.actor.{side}")
+        if eps is None:
+            eps = _select(cfg, "actor_rollout_ref.actor.clip_ratio")
+        if not isinstance(eps, (int, float)) or not 0.0 < eps < (1.0 if side == "clip_ratio_low" else float("inf")):
+            allowed = "(0, 1)" if side == "clip_ratio_low" else "> 0"
+            raise ErcConfigError(f"actor_rollout_ref.actor.{side}={eps!r}: must be a number in {allowed}")
+    clip_c = _select(cfg, "actor_rollout_ref.actor.clip_ratio_c", 3.0)
+    if not isinstance(clip_c, (int, float)) or not clip_c > 1.0:
+        raise ErcConfigError(f"actor_rollout_ref.actor.clip_ratio_c={clip_c!r}: must be a number > 1")
+
+
+def check_entropies_can_arrive(cfg: DictConfig, loss_mode: str) -> None:
+    """ERC needs the old policy's entropy next to old_log_probs, and the current one in the update."""
+    from erc_verl.trainer_modes import ERC_TRAINER_MODES
+
+    if not _select(cfg, "trainer.use_v1", True):
+        raise ErcConfigError(
+            f"trainer.use_v1=False: loss_mode={loss_mode} needs the V1 trainer (the legacy trainer drops the old "
+            "policy's entropy before the actor update); set trainer.use_v1=True"
+        )
+    mode = _select(cfg, "trainer.v1.trainer_mode", "sync")
+    if mode not in ERC_TRAINER_MODES:
+        raise ErcConfigError(
+            f"trainer.v1.trainer_mode={mode!r}: loss_mode={loss_mode} needs one of {sorted(ERC_TRAINER_MODES)} "
+            "(they hand both entropies to the loss); `erc-verl train` picks it for you"
+        )
+    if _select(cfg, "algorithm.rollout_correction.bypass_mode", False):
+        raise ErcConfigError(
+            f"algorithm.rollout_correction.bypass_mode=True: loss_mode={loss_mode} needs the old policy's entropy, "
+            "which bypass mode never computes; set it to False"
+        )
+    if _select(cfg, "distillation.enabled", False):
+        raise ErcConfigError(f"distillation.enabled=True: not supported together with loss_mode={loss_mode}")
+
+
+def enable_erc(cfg: DictConfig) -> DictConfig:
+    """Turn on what an ERC loss needs, so that selecting `loss_mode=erc_*` is the only flag a user sets.
+
+    - the policy-loss dataclass that carries the ERC band;
+    - the ERC variant of the trainer mode (it installs the entropy-aware loss on the actor workers);
+    - current-policy entropy in the actor update.
+    Then run the start-up checks (for every loss mode). Mutates and returns `cfg`.
+    """
+    loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
+    if is_erc_mode(loss_mode):
+        from erc_verl.trainer_modes import erc_trainer_mode
+
+        with open_dict(cfg):
+            policy_loss = OmegaConf.select(cfg, POLICY_LOSS_KEY)
+            if policy_loss.get("_target_") in (None, "verl.workers.config.PolicyLossConfig"):
+                policy_loss["_target_"] = ERC_CONFIG_TARGET
+            policy_loss.setdefault("erc_beta_low", 0.05)
+            policy_loss.setdefault("erc_beta_high", 0.05)
+            if _select(cfg, "trainer.use_v1", True):
+                cfg.trainer.v1.trainer_mode = erc_trainer_mode(_select(cfg, "trainer.v1.trainer_mode", "sync"))
+                cfg.actor_rollout_ref.actor.calculate_entropy = True
+    check_erc_config(cfg)
+    return cfg

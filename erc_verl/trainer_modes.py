@@ -1,0 +1,65 @@
+"""ERC trainer modes: verl's V1 trainers, with the entropy-aware loss installed on the actor workers.
+
+`erc_sync`, `erc_colocate_async` and `erc_separate_async` behave exactly like verl's `sync`, `colocate_async` and
+`separate_async` (verl keys behaviour on the mode name, so each runs under its base name), and additionally:
+- make the actor update compute the current policy's entropy (`actor.calculate_entropy=True`);
+- replace the actor workers' loss function with `worker_loss.entropy_aware_ppo_loss` through verl's
+  `set_loss_fn`, once the workers are up and before the first step.
+The old policy's entropy needs nothing extra: the V1 trainer already stores it next to `old_log_probs`.
+"""
+
+from functools import partial
+
+from omegaconf import open_dict
+from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync, register_trainer
+from verl.utils.config import omega_conf_to_dataclass
+
+from erc_verl.worker_loss import entropy_aware_ppo_loss
+
+
+class ErcTrainerMixin:
+    """Mixed in front of a verl V1 trainer class; `base_mode` is that class's registered name."""
+
+    base_mode: str
+
+    def __init__(self, config):
+        from erc_verl.config import check_erc_config
+
+        check_erc_config(config)
+        with open_dict(config):
+            config.trainer.v1.trainer_mode = self.base_mode
+            config.actor_rollout_ref.actor.calculate_entropy = True
+        super().__init__(config)
+
+    def on_init_end(self):
+        actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+        self.actor_rollout_wg.set_loss_fn(partial(entropy_aware_ppo_loss, config=actor_config))
+        super().on_init_end()
+
+
+def _erc_trainer(base_mode: str, base_cls: type) -> type:
+    cls = type(f"Erc{base_cls.__name__}", (ErcTrainerMixin, base_cls), {"base_mode": base_mode})
+    cls.__module__ = __name__
+    cls.__doc__ = f"verl's `{base_mode}` trainer with both entropies delivered to ERC losses."
+    return register_trainer(f"erc_{base_mode}")(cls)
+
+
+ERC_TRAINER_MODES = {
+    f"erc_{mode}": _erc_trainer(mode, cls)
+    for mode, cls in (
+        ("sync", PPOTrainerSync),
+        ("colocate_async", PPOTrainerColocateAsync),
+        ("separate_async", PPOTrainerSeparateAsync),
+    )
+}
+
+
+def erc_trainer_mode(mode: str) -> str:
+    """The ERC variant of a verl trainer mode (idempotent)."""
+    if mode in ERC_TRAINER_MODES:
+        return mode
+    if f"erc_{mode}" not in ERC_TRAINER_MODES:
+        raise ValueError(
+            f"trainer.v1.trainer_mode={mode!r}: ERC supports {sorted(m[len('erc_'):] for m in ERC_TRAINER_MODES)}"
+        )
+    return f"erc_{mode}"
