@@ -1,9 +1,13 @@
 """erc-verl: Entropy Ratio Clipping (arXiv 2512.05591) as a first-class part of verl 0.9.1.
 
-Importing the package does nothing heavy; verl loads `erc_verl.plugin` through its `verl.plugins` entry point.
+verl loads `erc_verl.plugin` through its `verl.plugins` entry point at `import verl`. Importing verl here, before
+any submodule of this package runs, lets that plugin import our modules whichever package a process imports
+first (otherwise `import erc_verl.config` -> `import verl` -> plugin -> `erc_verl.config` is a cycle).
 """
 
 from pathlib import Path
+
+import verl  # noqa: F401
 
 __version__ = "0.1.0"
 

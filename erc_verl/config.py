@@ -121,7 +121,10 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
 
     - the policy-loss dataclass that carries the ERC band;
     - the ERC variant of the trainer mode (it installs the entropy-aware loss on the actor workers);
-    - current-policy entropy in the actor update.
+    - current-policy entropy in the actor update, computed without keeping an autograd graph when nothing
+      backpropagates into it (entropy_coeff == 0: ERC only needs it as a mask). verl's entropy checkpointing
+      saves only the logits (already kept for the log-probs) and would recompute the entropy in backward only if
+      a gradient reached it; chunking bounds the forward's full-vocabulary temporaries.
     Then run the start-up checks (for every loss mode). Mutates and returns `cfg`.
     """
     loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
@@ -136,6 +139,10 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
             policy_loss.setdefault("erc_beta_high", 0.05)
             if _select(cfg, "trainer.use_v1", True):
                 cfg.trainer.v1.trainer_mode = erc_trainer_mode(_select(cfg, "trainer.v1.trainer_mode", "sync"))
-                cfg.actor_rollout_ref.actor.calculate_entropy = True
+                actor = cfg.actor_rollout_ref.actor
+                actor.calculate_entropy = True
+                if actor.get("entropy_coeff", 0) == 0:
+                    actor.entropy_checkpointing = True
+                    actor.entropy_from_logits_with_chunking = True
     check_erc_config(cfg)
     return cfg

@@ -72,6 +72,18 @@ def resolve_recipe(recipe: str | None) -> str:
     return recipe
 
 
+def compose(recipe: str, overrides: list[str] | None = None):
+    """The recipe's config with overrides, as `erc-verl train` would run it (ERC switched on and checked)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from erc_verl.config import enable_erc
+
+    with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+        cfg = hydra_compose(config_name=resolve_recipe(recipe), overrides=list(overrides or []))
+    return enable_erc(cfg)
+
+
 def call_hook(cfg, name: str):
     """Call the recipe's `erc_verl.<name>` hook ("module:function") with the config, if it names one."""
     from omegaconf import OmegaConf

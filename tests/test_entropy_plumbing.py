@@ -180,9 +180,19 @@ def test_enable_erc_turns_on_what_erc_needs():
     cfg = enable_erc(verl_config("actor_rollout_ref.actor.policy_loss.loss_mode=erc_gppo"))
     assert cfg.trainer.v1.trainer_mode == "erc_sync"
     assert cfg.actor_rollout_ref.actor.calculate_entropy is True
+    # a mask only: no autograd graph kept for it, computed in chunks
+    assert cfg.actor_rollout_ref.actor.entropy_checkpointing is True
+    assert cfg.actor_rollout_ref.actor.fsdp_config.entropy_from_logits_with_chunking is True
     policy_loss = cfg.actor_rollout_ref.actor.policy_loss
     assert policy_loss._target_ == "erc_verl.config.ErcPolicyLossConfig"
     assert (policy_loss.erc_beta_low, policy_loss.erc_beta_high) == (0.05, 0.05)
+
+
+def test_entropy_bonus_keeps_its_gradient_graph():
+    cfg = enable_erc(
+        verl_config("actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo", "actor_rollout_ref.actor.entropy_coeff=0.01")
+    )
+    assert cfg.actor_rollout_ref.actor.entropy_checkpointing is False
 
 
 def test_enable_erc_leaves_other_losses_alone():
