@@ -4,6 +4,7 @@ Every check here runs in the driver before any Ray worker starts, and fails with
 allowed (the dataclass checks also run wherever verl instantiates the actor config).
 """
 
+import os
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -146,3 +147,34 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
                     actor.entropy_from_logits_with_chunking = True
     check_erc_config(cfg)
     return cfg
+
+
+def _local_files(value) -> list[str]:
+    files = [value] if isinstance(value, str) else list(value or [])
+    return [f for f in files if "://" not in f]  # remote (hdfs://, s3://) files are verl's to fetch
+
+
+def check_data_files(cfg: DictConfig) -> None:
+    """Every local train/val file exists and has the columns verl's RL dataset and the reward read."""
+    import pyarrow.parquet as pq
+
+    prompt_key = _select(cfg, "data.prompt_key", "prompt")
+    for key in ("data.train_files", "data.val_files"):
+        for path in _local_files(_select(cfg, key)):
+            if not os.path.isfile(os.path.expanduser(path)):
+                raise ErcConfigError(f"{key}: {path} does not exist (prepare it, or point {key} at a parquet file)")
+            if not path.endswith(".parquet"):
+                continue
+            try:
+                schema = pq.read_schema(os.path.expanduser(path))
+            except Exception as err:  # pyarrow raises several types for a file that is not parquet
+                raise ErcConfigError(f"{key}: {path} is not a readable parquet file ({err})") from err
+            missing = [c for c in (prompt_key, "data_source", "reward_model") if c not in schema.names]
+            if missing:
+                raise ErcConfigError(
+                    f"{key}: {path} lacks column(s) {missing}; verl RL data needs {prompt_key!r} (chat messages), "
+                    "'data_source' and 'reward_model' (with 'ground_truth')"
+                )
+            reward_type = schema.field("reward_model").type
+            if not hasattr(reward_type, "get_field_index") or reward_type.get_field_index("ground_truth") < 0:
+                raise ErcConfigError(f"{key}: {path}: column 'reward_model' has no 'ground_truth' field")

@@ -40,12 +40,13 @@ def entropy_ratio_mask(
     response_mask: torch.Tensor,
     beta_low: float,
     beta_high: float,
+    unusable: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token keep mask of ERC and its metrics (fractions over the response tokens of this micro-batch).
 
-    A token whose ratio is not finite (NaN/inf entropies) is dropped and counted in `actor/erc_nonfinite_frac`;
-    it is in neither the low nor the high fraction. Without response tokens the ratio statistics read 1.0 (the
-    neutral ratio), so micro-batch metrics stay aggregatable.
+    A token whose ratio is not finite (NaN/inf entropies), or marked `unusable` (e.g. a non-finite log-prob), is
+    dropped and counted in `actor/erc_nonfinite_frac`; it is in neither the low nor the high fraction. Without
+    response tokens the ratio statistics read 1.0 (the neutral ratio), so micro-batch metrics stay aggregatable.
     """
     if entropy.shape != old_entropy.shape or entropy.shape != response_mask.shape:
         raise ValueError(
@@ -54,7 +55,7 @@ def entropy_ratio_mask(
         )
     with torch.no_grad():
         rho = (entropy.float() + ENTROPY_EPS) / (old_entropy.float() + ENTROPY_EPS)
-        finite = torch.isfinite(rho)
+        finite = torch.isfinite(rho) if unusable is None else torch.isfinite(rho) & ~unusable
         low = finite & (rho <= 1.0 - beta_low)
         high = finite & (rho >= 1.0 + beta_high)
         keep = finite & ~low & ~high
@@ -106,8 +107,15 @@ def make_erc_loss(base_name: str):
 
             entropy, old_entropy = delivered_entropies(entropy, old_entropy)
         beta_low, beta_high = erc_band(config)
-        keep, erc_metrics = entropy_ratio_mask(entropy, old_entropy, response_mask, beta_low, beta_high)
+        # a token with a non-finite input is dropped, and neutralised (A = 0, r = 1: loss 0) so no NaN reaches
+        # the aggregate; it still counts in the denominator like any dropped token
+        unusable = ~(torch.isfinite(log_prob.detach()) & torch.isfinite(old_log_prob) & torch.isfinite(advantages))
+        keep, erc_metrics = entropy_ratio_mask(entropy, old_entropy, response_mask, beta_low, beta_high, unusable)
         gated_log_prob = torch.where(keep, log_prob, log_prob.detach())
+        if unusable.any():
+            gated_log_prob = torch.where(unusable, 0.0, gated_log_prob)
+            old_log_prob = torch.where(unusable, 0.0, old_log_prob)
+            advantages = torch.where(unusable, 0.0, advantages)
         loss, metrics = get_policy_loss_fn(base_name)(
             old_log_prob=old_log_prob,
             log_prob=gated_log_prob,
@@ -117,6 +125,9 @@ def make_erc_loss(base_name: str):
             config=config,
             rollout_is_weights=rollout_is_weights,
         )
+        if not response_mask.any():
+            # nothing to learn from; verl's aggregation may have divided by a zero local token count
+            loss = torch.where(response_mask.bool(), gated_log_prob, 0.0).sum()
         return loss, {**metrics, **erc_metrics}
 
     compute_policy_loss_erc.__name__ = f"compute_policy_loss_erc_{base_name}"

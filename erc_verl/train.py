@@ -104,10 +104,14 @@ def run(cfg) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
-    from erc_verl.config import enable_erc
+    from erc_verl.config import ErcConfigError, check_data_files, enable_erc
 
-    enable_erc(cfg)
-    call_hook(cfg, "setup")
+    try:
+        enable_erc(cfg)
+        call_hook(cfg, "setup")
+        check_data_files(cfg)
+    except ErcConfigError as err:
+        raise SystemExit(f"erc-verl train: {err}") from None
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     if cfg.trainer.use_v1:
