@@ -10,25 +10,10 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.workers.config import PolicyLossConfig
 
-POLICY_LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
-ERC_CONFIG_TARGET = "erc_verl.config.ErcPolicyLossConfig"
-ERC_PREFIX = "erc_"
+from erc_verl.names import ERC_CONFIG_TARGET, POLICY_LOSS_KEY, ErcConfigError, is_erc_mode
+
 # loss modes that read ERC/GPPO settings from ErcPolicyLossConfig
 GPPO_MODES = ("gppo",)
-
-
-class ErcConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what is allowed."""
-
-
-def is_erc_mode(loss_mode: str) -> bool:
-    return loss_mode.startswith(ERC_PREFIX)
-
-
-def erc_base_mode(loss_mode: str) -> str:
-    """`erc_dapo` -> `vanilla` (DAPO's token loss is verl's vanilla PPO loss), `erc_<name>` -> `<name>`."""
-    base = loss_mode[len(ERC_PREFIX) :]
-    return "vanilla" if base == "dapo" else base
 
 
 def check_erc_band(beta_low, beta_high) -> None:

@@ -21,17 +21,20 @@ from verl.trainer.ppo.core_algos import (
 )
 from verl.utils import torch_functional as verl_F
 
-from erc_verl.config import ERC_CONFIG_TARGET, ERC_PREFIX, POLICY_LOSS_KEY, ErcConfigError, erc_base_mode
+from erc_verl.names import (
+    ERC_CONFIG_TARGET,
+    ERC_PREFIX,
+    POLICY_LOSS_KEY,
+    ErcConfigError,
+    MissingEntropyError,
+    erc_base_mode,
+)
 
 ENTROPY_EPS = 1e-8
 # verl's own log-ratio clamp (core_algos.compute_policy_loss_vanilla), kept so GPPO matches vanilla's values
 LOG_RATIO_CLAMP = 20.0
 # base losses with no ERC variant: bypass mode never computes the old policy's entropy
 NO_ERC_VARIANT = ("bypass_mode",)
-
-
-class MissingEntropyError(RuntimeError):
-    """An ERC loss was called without the entropies it needs."""
 
 
 def entropy_ratio_mask(
@@ -103,9 +106,9 @@ def make_erc_loss(base_name: str):
         old_entropy: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if entropy is None or old_entropy is None:
-            from erc_verl.worker_loss import delivered_entropies
+            from erc_verl import worker_loss
 
-            entropy, old_entropy = delivered_entropies(entropy, old_entropy)
+            entropy, old_entropy = worker_loss.delivered_entropies(entropy, old_entropy)
         beta_low, beta_high = erc_band(config)
         # a token with a non-finite input is dropped, and neutralised (A = 0, r = 1: loss 0) so no NaN reaches
         # the aggregate; it still counts in the denominator like any dropped token

@@ -14,7 +14,9 @@ from omegaconf import open_dict
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync, register_trainer
 from verl.utils.config import omega_conf_to_dataclass
 
-from erc_verl.worker_loss import entropy_aware_ppo_loss
+# a module reference, read when a trainer starts: this module may be imported while worker_loss is half-way
+# through its own import of verl (see erc_verl/names.py)
+from erc_verl import worker_loss
 
 
 class ErcTrainerMixin:
@@ -33,7 +35,7 @@ class ErcTrainerMixin:
 
     def on_init_end(self):
         actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-        self.actor_rollout_wg.set_loss_fn(partial(entropy_aware_ppo_loss, config=actor_config))
+        self.actor_rollout_wg.set_loss_fn(partial(worker_loss.entropy_aware_ppo_loss, config=actor_config))
         super().on_init_end()
 
 

@@ -17,7 +17,7 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from erc_verl.losses import MissingEntropyError
+from erc_verl.names import MissingEntropyError
 
 _DELIVERED: ContextVar[Optional[tuple[torch.Tensor, torch.Tensor]]] = ContextVar("erc_entropies", default=None)
 

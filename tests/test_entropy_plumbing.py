@@ -9,7 +9,8 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.losses import ppo_loss
 
-from erc_verl.config import ErcConfigError, ErcPolicyLossConfig, check_erc_config, enable_erc
+from erc_verl.config import ErcPolicyLossConfig, check_erc_config, enable_erc
+from erc_verl.names import ErcConfigError
 from erc_verl.trainer_modes import ERC_TRAINER_MODES, erc_trainer_mode
 from erc_verl.worker_loss import entropy_aware_ppo_loss
 from tests.verl_config import actor_config, verl_config

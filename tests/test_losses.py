@@ -6,7 +6,8 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-from erc_verl.losses import MissingEntropyError, entropy_ratio_mask
+from erc_verl.losses import entropy_ratio_mask
+from erc_verl.names import MissingEntropyError
 from tests.verl_config import actor_config
 
 # Five tokens of one response, old_log_prob = 0 so r = exp(log_prob); eps_low 0.2, eps_high 0.28, c 3.

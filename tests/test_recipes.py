@@ -7,7 +7,7 @@ import pytest
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-from erc_verl.config import ErcConfigError
+from erc_verl.names import ErcConfigError
 from erc_verl.train import available_recipes, compose, split_recipe
 
 GRID = {

@@ -7,7 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
-from erc_verl.config import ErcConfigError, check_data_files
+from erc_verl.config import check_data_files
+from erc_verl.names import ErcConfigError
 from tests.verl_config import verl_config
 
 GOOD_ROW = {
