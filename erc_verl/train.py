@@ -6,7 +6,8 @@ Hydra's own flags (`-m` multirun, `--cfg job`, ...). Before any Ray worker start
 what it needs (`erc_verl.config.enable_erc`) and the configuration is checked.
 
 A recipe may name hooks under `erc_verl:`: `setup` ("module:function", called with the config before the run,
-e.g. to build a local model and data) and `report` (called after it, e.g. to plot the metrics).
+e.g. to build a local model and data) and `report` (called after it, e.g. to plot the metrics); and
+`erc_verl.metrics_file`, the run's metrics JSONL, kept whole across kills and resumes (`metrics_log`).
 """
 
 import importlib
@@ -99,11 +100,13 @@ def call_hook(cfg, name: str):
 
 def run(cfg) -> None:
     """Check, set up and run one configuration (what `main_ppo.main` does, plus ERC's start-up work)."""
+    from omegaconf import OmegaConf
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    from erc_verl import metrics_log
     from erc_verl.config import ErcConfigError, check_data_files, enable_erc
 
     try:
@@ -114,12 +117,20 @@ def run(cfg) -> None:
         raise SystemExit(f"erc-verl train: {err}") from None
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
-    if cfg.trainer.use_v1:
-        run_ppo(cfg, task_runner_class=TaskRunnerV1)
-    else:
-        from verl.trainer.main_ppo_v0 import TaskRunner
+    metrics_file = OmegaConf.select(cfg, "erc_verl.metrics_file")
+    if metrics_file:
+        # verl's file logger writes this attempt's rows; metrics_log keeps the run's file whole across resumes
+        os.environ["VERL_FILE_LOGGER_PATH"] = metrics_log.start(cfg, metrics_file)
+    try:
+        if cfg.trainer.use_v1:
+            run_ppo(cfg, task_runner_class=TaskRunnerV1)
+        else:
+            from verl.trainer.main_ppo_v0 import TaskRunner
 
-        run_ppo(cfg, task_runner_class=TaskRunner)
+            run_ppo(cfg, task_runner_class=TaskRunner)
+    finally:
+        if metrics_file:
+            metrics_log.fold(metrics_file)
     call_hook(cfg, "report")
 
 

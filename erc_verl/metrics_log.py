@@ -1,0 +1,84 @@
+"""A run's metrics JSONL (verl's `file` logger format) that survives kills and resumes: every step once.
+
+verl's file logger truncates its file whenever a run starts, and a resumed run logs again from the step it
+resumes at. So verl writes each attempt to `<metrics>.attempt`, and `<metrics>` is kept here:
+- when a run starts, rows left by an earlier attempt (finished or killed) are folded in, then rows after the
+  step the run resumes from are dropped: those steps are trained again;
+- when it ends, the attempt's rows are folded in.
+Folding merges rows of the same step (a resumed run validates again at the step it resumes from).
+"""
+
+import json
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def attempt_path(metrics_file: str) -> str:
+    return metrics_file + ".attempt"
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows `{"step": int, "data": {...}}`; a line cut short by a kill is ignored."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "step" in row and isinstance(row.get("data"), dict):
+                rows.append(row)
+    return rows
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per step, in step order; later rows of a step add to (and override) earlier ones."""
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        by_step.setdefault(int(row["step"]), {}).update(row["data"])
+    return [{"step": step, "data": by_step[step]} for step in sorted(by_step)]
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def fold(metrics_file: str, keep_through_step: int | None = None) -> None:
+    """Fold the attempt file into `metrics_file`; optionally keep only steps <= keep_through_step."""
+    rows = merge_rows(read_rows(metrics_file) + read_rows(attempt_path(metrics_file)))
+    if keep_through_step is not None:
+        rows = [row for row in rows if row["step"] <= keep_through_step]
+    _write(metrics_file, rows)
+    if os.path.exists(attempt_path(metrics_file)):
+        os.remove(attempt_path(metrics_file))
+
+
+def resumed_step(cfg: DictConfig) -> int:
+    """The global step verl will resume from under this config (0: from scratch), as its trainer finds it."""
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+    mode = OmegaConf.select(cfg, "trainer.resume_mode", default="auto")
+    if mode == "resume_path":
+        return int(str(cfg.trainer.resume_from_path).rstrip("/").split("global_step_")[-1])
+    if mode != "auto":
+        return 0
+    folder = find_latest_ckpt_path(os.path.abspath(cfg.trainer.default_local_dir))
+    return int(folder.rstrip("/").split("global_step_")[-1]) if folder else 0
+
+
+def start(cfg: DictConfig, metrics_file: str) -> str:
+    """Prepare `metrics_file` for a run of `cfg`; returns the path verl's file logger must write to.
+
+    A run from scratch starts an empty file; a resumed one keeps the steps up to its checkpoint.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+    step = resumed_step(cfg)
+    fold(metrics_file, keep_through_step=step if step > 0 else -1)
+    return attempt_path(metrics_file)
