@@ -305,23 +305,33 @@ def _outcome(future: Future, cfg: MathRewardConfig) -> dict:
     return _failure(cfg, "error")
 
 
+# A worker that died under an item (killed from outside, out of memory) is replaced; the item gets one more try
+# there before it counts as `worker_crash`, so one lost process does not cost a correct answer its reward.
+CRASH_RETRIES = 1
+
+
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """verl custom reward function (sync: verl runs it in an executor thread). `kwargs` are MathRewardConfig
     fields (from `reward_kwargs`); `data_source` and `extra_info` are not needed to score math."""
-    submitted = _submit(solution_str, ground_truth, kwargs)
-    if isinstance(submitted, dict):
-        return submitted
-    future, cfg = submitted
-    future.exception()  # wait; the pool's deadline bounds it
+    for _ in range(1 + CRASH_RETRIES):
+        submitted = _submit(solution_str, ground_truth, kwargs)
+        if isinstance(submitted, dict):
+            return submitted
+        future, cfg = submitted
+        if not isinstance(future.exception(), WorkerDied):  # waits; the pool's deadline bounds it
+            break
     return _outcome(future, cfg)
 
 
 async def compute_score_async(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """`compute_score` for verl's reward loop, which awaits coroutine reward functions on its event loop:
     the whole batch is in flight at once without holding an executor thread per item."""
-    submitted = _submit(solution_str, ground_truth, kwargs)
-    if isinstance(submitted, dict):
-        return submitted
-    future, cfg = submitted
-    await asyncio.wait([asyncio.wrap_future(future)])  # wait without raising: _outcome maps the errors
+    for _ in range(1 + CRASH_RETRIES):
+        submitted = _submit(solution_str, ground_truth, kwargs)
+        if isinstance(submitted, dict):
+            return submitted
+        future, cfg = submitted
+        await asyncio.wait([asyncio.wrap_future(future)])  # wait without raising: _outcome maps the errors
+        if not isinstance(future.exception(), WorkerDied):
+            break
     return _outcome(future, cfg)

@@ -135,6 +135,11 @@ class DeadlinePool:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def busy_pids(self) -> list[int]:
+        """Pids of the workers running a task right now (health checks, fault injection in tests)."""
+        with self._lock:
+            return [slot.process.pid for slot in self._slots if slot.task is not None and slot.process is not None]
+
     # --- dispatcher thread -------------------------------------------------------------------------------------
 
     def _run(self) -> None:
