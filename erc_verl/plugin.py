@@ -1,15 +1,27 @@
-"""Loaded by every `import verl` (entry point group `verl.plugins`), in the driver and in every Ray worker."""
+"""verl plugin (entry point group `verl.plugins`): loaded by every `import verl`, in the driver and in every Ray
+worker, so that installing erc-verl is all it takes for `loss_mode=erc_dapo` to exist everywhere."""
 
-# CPU support first: verl resolves its platform once per process, possibly while the imports below run.
-# The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the HF rollout joins.
-from erc_verl.cpu import platform as _cpu_platform
+import logging
+import warnings
 
-if _cpu_platform.register():
-    from erc_verl.cpu import rollout as _cpu_rollout
+logger = logging.getLogger(__name__)
 
-    _cpu_rollout.register()
+# verl announces every optional training engine it cannot import (megatron, veomni, ...) in every process
+warnings.filterwarnings("ignore", message=r".* engine is not available", category=UserWarning)
 
-# NOTE(cpu helper): this file was overwritten by mistake while adding the CPU lines above; the two ERC imports below
-# are a reconstruction from the modules' docstrings. Lead: restore your version and keep the CPU block first.
-from erc_verl import losses as _losses  # noqa: E402,F401  registers gppo, erc_dapo, erc_<base>
-from erc_verl import trainer_modes as _trainer_modes  # noqa: E402,F401  registers erc_sync, erc_*_async
+try:
+    # CPU support first: verl resolves its platform once per process, possibly while the imports below run.
+    # The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the HF rollout
+    # joins verl's rollout registries.
+    from erc_verl.cpu import platform as _cpu_platform
+
+    if _cpu_platform.register():
+        from erc_verl.cpu import rollout as _cpu_rollout
+
+        _cpu_rollout.register()
+
+    from erc_verl import losses, trainer_modes  # noqa: F401  (registration happens at import)
+except Exception:
+    # verl logs plugin failures at DEBUG only: say it loudly, then fail as verl would have
+    logger.exception("erc_verl plugin failed to load: ERC losses and trainer modes are NOT registered")
+    raise

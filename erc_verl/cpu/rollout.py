@@ -1,0 +1,335 @@
+"""Rollout backend ``hf``: a Hugging Face model in a Ray actor, for machines without vLLM/SGLang (CPU).
+
+Plugs into verl's two rollout registries the way vLLM does:
+- ``RolloutReplicaRegistry["hf"]`` -> :class:`HFReplica`, which starts one :class:`HFRolloutServer` actor per replica
+  (verl's LLM server manager, load balancer and agent loops talk to it through ``generate``);
+- ``_ROLLOUT_REGISTRY[("hf", "async")]`` -> :class:`HFServerAdapter`, built inside each actor worker; verl's
+  ``update_weights`` hands it the actor's full weights after every update and it pushes them to the server.
+
+The server samples token by token with a KV cache and returns each sampled token's log-probability under
+``log_softmax(logits / temperature)``, which is what verl's actor recomputes as ``old_log_prob``. Concurrent
+requests are batched (left padding) so one forward pass serves every request in flight.
+"""
+
+import asyncio
+import logging
+import os
+from typing import Any, Generator, Optional
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import HFModelConfig, RolloutConfig
+from verl.workers.rollout.base import _ROLLOUT_REGISTRY, BaseRollout
+from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry, TokenOutput
+
+logger = logging.getLogger(__name__)
+
+NAME = "hf"
+_SERVER_PREFIX = "hf_"
+
+
+def _server_name(replica_rank: int, node_rank: int = 0) -> str:
+    return f"{_SERVER_PREFIX}server_{replica_rank}_{node_rank}"
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(
+        str(name), torch.float32
+    )
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k / nucleus filtering on already temperature-scaled logits (-1 / 1.0 mean off, as in verl's config)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample continuations for a batch of prompts; returns token ids and their log-probs (EOS included).
+
+    ``temperature == 0`` is greedy (log-probs then at temperature 1).
+    """
+    batch = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, width - len(p) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    next_pos = position_ids[:, -1:] + 1
+    eos = torch.tensor(eos_token_ids, dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    tokens, logps = [], []
+    for _ in range(max_new_tokens):
+        scaled = logits / temperature if temperature > 0 else logits
+        logp = torch.log_softmax(scaled, dim=-1)
+        if temperature > 0:
+            probs = torch.softmax(_filter_logits(scaled, top_k, top_p), dim=-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tok = scaled.argmax(-1)
+        tokens.append(tok)
+        logps.append(logp.gather(-1, tok[:, None]).squeeze(-1))
+        done = done | torch.isin(tok, eos)
+        if bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones((batch, 1), dtype=torch.long)], dim=-1)
+        out = model(
+            input_ids=tok[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_pos,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+
+    tokens_t, logps_t = torch.stack(tokens, 1), torch.stack(logps, 1)
+    ids_out, lp_out = [], []
+    for i in range(batch):
+        row = tokens_t[i].tolist()
+        hits = [j for j, t in enumerate(row) if t in eos_token_ids]
+        end = hits[0] + 1 if hits else len(row)
+        ids_out.append(row[:end])
+        lp_out.append(logps_t[i, :end].tolist())
+    return ids_out, lp_out
+
+
+class HFRolloutServer:
+    """Ray actor serving token-in/token-out generation from an HF causal LM (the methods verl's replica,
+    load balancer and checkpoint manager call on a rollout server)."""
+
+    def __init__(self, config: RolloutConfig, model_config, replica_rank: int):
+        from transformers import AutoModelForCausalLM
+
+        model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
+        self.config = config
+        self.replica_rank = replica_rank
+        self.global_steps = None
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_config.local_path, dtype=_torch_dtype(config.dtype), attn_implementation="eager"
+        ).eval()
+        gen_cfg = self.model.generation_config
+        eos = model_config.tokenizer.eos_token_id if model_config.tokenizer is not None else gen_cfg.eos_token_id
+        self.eos_token_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
+        pad = model_config.tokenizer.pad_token_id if model_config.tokenizer is not None else None
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+        self.generator = torch.Generator().manual_seed(config.seed + replica_rank)
+        self._pending: list[tuple[list[int], tuple, asyncio.Future]] = []  # (prompt, sampling key, future)
+        self._batch_task: Optional[asyncio.Task] = None
+        self._lock = asyncio.Lock()  # weight updates never interleave with a forward pass
+
+    def _max_tokens(self, prompt_len: int, sampling_params: dict) -> int:
+        limit = self.config.max_model_len or (self.config.prompt_length + self.config.response_length)
+        wanted = sampling_params.get("max_tokens", sampling_params.get("max_new_tokens", self.config.response_length))
+        if limit - prompt_len < 1:
+            raise ValueError(f"prompt of {prompt_len} tokens leaves no room to generate within {limit}")
+        return max(1, min(wanted, self.config.response_length, limit - prompt_len))
+
+    async def generate(
+        self, prompt_ids: list[int], sampling_params: dict[str, Any], request_id: str, **kwargs
+    ) -> TokenOutput:
+        for unsupported in ("image_data", "video_data", "audio_data"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(f"rollout '{NAME}' is text-only ({unsupported} given)")
+        key = (
+            float(sampling_params.get("temperature", 1.0)),
+            int(sampling_params.get("top_k", -1)),
+            float(sampling_params.get("top_p", 1.0)),
+            self._max_tokens(len(prompt_ids), sampling_params),
+        )
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((list(prompt_ids), key, future))
+        if self._batch_task is None or self._batch_task.done():
+            self._batch_task = asyncio.create_task(self._run_batches())
+        token_ids, log_probs = await future
+        return TokenOutput(
+            token_ids=token_ids,
+            log_probs=log_probs if sampling_params.get("logprobs") else None,
+            stop_reason="completed",
+            extra_fields={"global_steps": self.global_steps},
+        )
+
+    async def _run_batches(self):
+        # Wait a moment so that requests sent together (a prompt's n samples, a batch of prompts) share a batch.
+        await asyncio.sleep(0.005)
+        while self._pending:
+            pending, self._pending = self._pending, []
+            groups: dict[tuple, list] = {}
+            for prompt, key, future in pending:
+                groups.setdefault(key, []).append((prompt, future))
+            for (temperature, top_k, top_p, max_tokens), items in groups.items():
+                try:
+                    async with self._lock:
+                        ids, lps = await asyncio.to_thread(
+                            sample,
+                            self.model,
+                            [p for p, _ in items],
+                            max_tokens,
+                            temperature,
+                            top_k,
+                            top_p,
+                            self.eos_token_ids,
+                            self.pad_token_id,
+                            self.generator,
+                        )
+                except Exception as e:  # fail the requests, not the server
+                    for _, future in items:
+                        future.set_exception(e)
+                    continue
+                for (_, future), i, lp in zip(items, ids, lps, strict=True):
+                    future.set_result((i, lp))
+
+    async def update_weights(self, weights: dict[str, torch.Tensor], global_steps: Optional[int] = None):
+        async with self._lock:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            # Tied embeddings come without lm_head.weight; anything else missing means a naming mismatch.
+            missing = [k for k in missing if not (k == "lm_head.weight" and self.model.config.tie_word_embeddings)]
+            if missing or unexpected:
+                raise RuntimeError(f"weight update mismatch: missing={missing} unexpected={unexpected}")
+        if global_steps is not None:
+            self.global_steps = global_steps
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    # The model always stays in host memory: sleep/wake and KV-cache management have nothing to free.
+    async def wake_up(self, tags: Optional[list[str]] = None):
+        pass
+
+    async def sleep(self):
+        pass
+
+    async def clear_kv_cache(self):
+        pass
+
+    async def release_kv_cache(self):
+        pass
+
+    async def resume_kv_cache(self):
+        pass
+
+    async def wait_for_requests_to_drain(self):
+        while self._pending or (self._batch_task is not None and not self._batch_task.done()):
+            await asyncio.sleep(0.01)
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False):
+        # Batches are short and run to completion; in-flight requests finish instead of being aborted.
+        await self.wait_for_requests_to_drain()
+        return {"aborted_count": 0, "request_ids": []}
+
+    async def abort_request(self, request_id: str, reset_prefix_cache: bool = True):
+        return {"aborted": False, "request_id": request_id}
+
+    async def resume_generation(self):
+        pass
+
+    async def start_profile(self, **kwargs):
+        pass
+
+    async def stop_profile(self):
+        pass
+
+
+class HFReplica(RolloutReplica):
+    """One HF rollout server per replica, on the node of the replica's first actor worker.
+
+    The server runs as its own Ray actor (not inside the FSDP worker) so that verl's load balancer and agent loops
+    reach it exactly as they reach a vLLM server.
+    """
+
+    async def launch_servers(self):
+        if self.nnodes != 1:
+            raise NotImplementedError(f"rollout '{NAME}' runs one process per replica (got {self.nnodes} nodes)")
+        if self.workers:
+            node_id = await self.workers[0].__ray_call__.remote(lambda w: ray.get_runtime_context().get_node_id())
+        else:
+            node_id = ray.get_runtime_context().get_node_id()
+        name = _server_name(self.replica_rank)
+        server = (
+            ray.remote(HFRolloutServer)
+            .options(
+                name=name,
+                num_cpus=0,  # shares the cores with the (idle while generating) actor worker
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+                max_concurrency=self.max_concurrency,
+            )
+            .remote(config=self.config, model_config=self.model_config, replica_rank=self.replica_rank)
+        )
+        await server.__ray_ready__.remote()
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = name  # no HTTP endpoint: verl's load balancer only needs a unique key
+
+
+class HFServerAdapter(BaseRollout):
+    """Lives in each actor worker; the replica's first rank pushes the actor's weights to the server."""
+
+    def __init__(self, config: RolloutConfig, model_config: HFModelConfig, device_mesh, replica_rank: int = -1):
+        super().__init__(config, model_config, device_mesh)
+        rollout_world_size = (
+            self.config.tensor_model_parallel_size
+            * self.config.data_parallel_size
+            * self.config.pipeline_model_parallel_size
+        )
+        rank = int(os.environ.get("RANK", 0))
+        self.replica_rank = rank // rollout_world_size if replica_rank == -1 else replica_rank
+        self._has_server = rank % rollout_world_size == 0
+        self._server = None
+
+    def _server_handle(self):
+        if self._server is None:
+            self._server = ray.get_actor(_server_name(self.replica_rank))
+        return self._server
+
+    async def update_weights(
+        self,
+        weights: Generator[tuple[str, torch.Tensor], None, None],
+        wire_format: str = "named_tensors",
+        global_steps: Optional[int] = None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if wire_format != "named_tensors" or peft_config is not None:
+            raise NotImplementedError(f"rollout '{NAME}' takes full named tensors only (no LoRA adapters, no deltas)")
+        # Every rank drains the generator: producing full tensors from FSDP shards is a collective.
+        state = {name: t.detach().to("cpu", copy=True) for name, t in weights}
+        if self._has_server:
+            await self._server_handle().update_weights.remote(state, global_steps=global_steps)
+
+    async def resume(self, tags: list[str]):
+        pass
+
+    async def release(self):
+        pass
+
+
+def register() -> None:
+    """Add backend ``hf`` to verl's rollout registries (idempotent)."""
+    _ROLLOUT_REGISTRY[(NAME, "async")] = f"{__name__}.HFServerAdapter"
+    RolloutReplicaRegistry.register(NAME, lambda: HFReplica)
