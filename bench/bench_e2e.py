@@ -1,0 +1,179 @@
+"""End to end: ERC-DAPO against plain DAPO (vanilla loss + clip-higher) on the short CPU recipe.
+
+Runs `erc-verl train RECIPE` as a subprocess, alternating the two loss modes (order ABBA, ABBA, ...) so drift
+and other load on the machine hit both alike. Step time is the median of verl's `timing_s/step` in the metrics
+JSONL (file logger), skipping the first steps (start-up, compilation). Memory is the kernel's RSS high-water
+mark (VmHWM in /proc/<pid>/status) of every process of the run - the driver, Ray's GCS and raylet and the
+workers, all descendants of the `erc-verl train` process - read every --poll seconds: `worker_peak` is the
+largest single process (the actor/rollout worker that trains), `tree_peak` the sampled peak of the summed RSS.
+
+    .venv/bin/python bench/bench_e2e.py [--quick] [--runs 2] [--steps 6] [-- extra hydra overrides]
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from common import REPO, arg_parser, median, print_table, write_results
+
+MODES = {
+    "dapo": ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"],
+    "erc_dapo": ["actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo"],
+}
+BASE, ERC = "dapo", "erc_dapo"
+PHASES = ("update_actor", "old_log_prob", "gen")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class TreeMemory(threading.Thread):
+    """Samples the RSS high-water mark of a process and all its descendants until stopped."""
+
+    def __init__(self, pid: int, poll_s: float):
+        super().__init__(daemon=True)
+        self.root, self.poll_s = psutil.Process(pid), poll_s
+        self.hwm_kib: dict[int, tuple[str, int]] = {}
+        self.tree_peak_kib = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            self._done.wait(self.poll_s)
+
+    def sample(self) -> None:
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                hwm, rss = _status_kib(proc.pid, "VmHWM"), _status_kib(proc.pid, "VmRSS")
+                name = proc.name()
+            except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
+                continue
+            total += rss
+            self.hwm_kib[proc.pid] = (name, max(hwm, self.hwm_kib.get(proc.pid, ("", 0))[1]))
+        self.tree_peak_kib = max(self.tree_peak_kib, total)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """verl's file logger: one {"step": n, "data": {...}} per line."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def one_run(mode: str, index: int, args, work: Path) -> dict:
+    name = f"{mode}_{index}"
+    run_dir = work / name
+    metrics_path = run_dir / "metrics.jsonl"  # the recipe points verl's file logger at <run_dir>/metrics.jsonl
+    cmd = [
+        str(REPO / ".venv" / "bin" / "erc-verl"),
+        "train",
+        args.recipe,
+        *MODES[mode],
+        f"trainer.total_training_steps={args.steps}",
+        f"trainer.experiment_name=bench_e2e_{name}",
+        f"erc_verl.run_dir={run_dir}",
+        # training steps only: no validation, checkpoints or report plots inside the measured runs
+        "trainer.val_before_train=False",
+        "trainer.test_freq=-1",
+        "trainer.save_freq=-1",
+        "erc_verl.report=null",
+        *args.overrides,
+    ]
+    log = (work / f"{name}.log").open("w")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    sampler = TreeMemory(proc.pid, args.poll)
+    sampler.start()
+    rc = proc.wait()
+    sampler.stop()
+    wall = time.perf_counter() - start
+    if rc != 0 or not metrics_path.exists():
+        raise SystemExit(f"{' '.join(cmd)}\nexited {rc}; see {work / (name + '.log')}")
+    steps = [m for m in read_metrics(metrics_path) if "timing_s/step" in m["data"]]
+    timed = steps[args.skip :]
+    if not timed:
+        raise SystemExit(f"{metrics_path}: {len(steps)} steps with timing_s/step, none after --skip {args.skip}")
+    timing_keys = sorted({k for m in timed for k in m["data"] if k.startswith("timing_s/")})
+    worker_pid, (worker_name, worker_hwm) = max(sampler.hwm_kib.items(), key=lambda item: item[1][1])
+    return {
+        "mode": mode,
+        "run": index,
+        "wall_s": wall,
+        "steps": len(steps),
+        "step_s": median([m["data"]["timing_s/step"] for m in timed]),
+        "timing_s": {k: median([m["data"][k] for m in timed if k in m["data"]]) for k in timing_keys},
+        "worker_peak_mib": worker_hwm / 1024,
+        "worker": worker_name,
+        "tree_peak_mib": sampler.tree_peak_kib / 1024,
+        "processes": len(sampler.hwm_kib),
+    }
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.splitlines()[0], threads=False)
+    parser.add_argument("--recipe", default="cpu_tiny_erc_dapo")
+    parser.add_argument("--runs", type=int, default=2, help="runs per loss mode")
+    parser.add_argument("--steps", type=int, default=6, help="trainer.total_training_steps of each run")
+    parser.add_argument("--skip", type=int, default=1, help="first steps left out of the step time")
+    parser.add_argument("--poll", type=float, default=0.2, help="seconds between memory samples")
+    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run (after --)")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.steps, args.skip = 1, 2, 1
+
+    work = args.out / ("e2e_quick_runs" if args.quick else "e2e_runs")
+    work.mkdir(parents=True, exist_ok=True)
+    from erc_verl.train import call_hook, compose
+
+    # the recipe's setup hook builds (once, cached) the model and data: done here, outside the timed runs
+    call_hook(compose(args.recipe, args.overrides), "setup")
+    order = []
+    for r in range(args.runs):
+        order += [BASE, ERC] if r % 2 == 0 else [ERC, BASE]
+    runs = []
+    for i, mode in enumerate(order):
+        runs.append(one_run(mode, i, args, work))
+        print(f"run {i}: {mode} step {runs[-1]['step_s']:.2f} s, worker peak {runs[-1]['worker_peak_mib']:.0f} MiB")
+
+    by_mode = {m: [r for r in runs if r["mode"] == m] for m in (BASE, ERC)}
+    summary = {
+        m: {
+            "step_s": median([r["step_s"] for r in rs]),
+            # the phases that compute entropies (update: ERC only; old log-probs: both modes) and generation,
+            # whose length varies with dynamic sampling's extra rounds
+            **{
+                f"{phase}_s": median([r["timing_s"].get(f"timing_s/{phase}", float("nan")) for r in rs])
+                for phase in PHASES
+            },
+            "worker_peak_mib": median([r["worker_peak_mib"] for r in rs]),
+            "tree_peak_mib": median([r["tree_peak_mib"] for r in rs]),
+        }
+        for m, rs in by_mode.items()
+    }
+    rows = [{"mode": m, **s, **{f"{k}_ratio": s[k] / summary[BASE][k] for k in s}} for m, s in summary.items()]
+    print(f"{args.recipe}: {args.runs} runs per mode (ABBA), {args.steps} steps each, first {args.skip} skipped")
+    print_table(runs, ["run", "mode", "step_s", "worker_peak_mib", "tree_peak_mib", "wall_s"])
+    print()
+    print_table(rows, ["mode"] + [c for k in summary[BASE] for c in (k, f"{k}_ratio")])
+    write_results(args.out, "e2e_quick" if args.quick else "e2e", vars(args), rows, runs=runs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
