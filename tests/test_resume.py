@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from erc_verl import REPO_ROOT
+from erc_verl import REPO_ROOT, metrics_log
 
 pytestmark = pytest.mark.e2e
 
@@ -55,13 +55,23 @@ def _run(work, name):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
 
 
+def _checkpointed_and_logged(tracker, attempt_metrics):
+    """The latest checkpoint's step once its metrics row is written too (verl logs a step after saving it)."""
+    if not (tracker.exists() and tracker.read_text().strip()):
+        return None
+    step = int(tracker.read_text())
+    logged = any(row["step"] == step for row in metrics_log.read_rows(str(attempt_metrics)))
+    return step if logged else None
+
+
 def _kill_after_first_checkpoint(work, name):
     cmd, env, ray_tmp = _command(work, name)
     tracker = work / "run" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    attempt_metrics = work / "run" / "metrics.jsonl.attempt"
     with open(work / f"{name}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 900
-        while not (tracker.exists() and tracker.read_text().strip()):
+        while _checkpointed_and_logged(tracker, attempt_metrics) is None:
             assert proc.poll() is None, f"run ended before its first checkpoint: {(work / f'{name}.log').read_text()[-4000:]}"
             assert time.time() < deadline, "no checkpoint within 15 minutes"
             time.sleep(0.5)

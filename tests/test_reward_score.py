@@ -124,9 +124,10 @@ def test_guards_leave_big_but_real_answers_alone():
 
 
 def test_soft_deadline_reports_timeout():
-    # bare nested braces cost math-verify ~0.3 s at depth 4 (nested sets): well past a 10 ms deadline
+    # bare braces nested 10 deep (under the depth guard) cost math-verify ~0.5 s: far past a 10 ms deadline.
+    # Used by no other test: math-verify caches parses within a process.
     cfg = MathRewardConfig(parse_timeout_s=0.01)
-    assert score_in_process(boxed("{{{{1}}}}"), "5", cfg)["reason"] == "timeout"
+    assert score_in_process(boxed("{" * 10 + "17" + "}" * 10), "5", cfg)["reason"] == "timeout"
 
 
 def test_pred_is_capped():
