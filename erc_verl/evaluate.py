@@ -158,10 +158,25 @@ def _named(values: list[str], what: str) -> dict[str, str]:
     return named
 
 
+def model_dir(path: str) -> str:
+    """An HF model directory, given one or a verl checkpoint (`global_step_N` or its `actor/`)."""
+    for candidate in (Path(path), Path(path) / "huggingface", Path(path) / "actor" / "huggingface"):
+        if (candidate / "config.json").is_file():
+            if not any(candidate.glob("*.safetensors")) and not any(candidate.glob("pytorch_model*.bin")):
+                raise SystemExit(
+                    f"erc-verl eval: {candidate} has a model config but no weights: save checkpoints with "
+                    "actor_rollout_ref.actor.checkpoint.save_contents including hf_model, or merge it with "
+                    "`python -m verl.model_merger merge`"
+                )
+            return str(candidate)
+    raise SystemExit(f"erc-verl eval: {path!r} is neither an HF model directory nor a verl checkpoint with one")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="erc-verl eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True,
-                        help="[NAME=]PATH of an HF model directory; repeat for one table row per run")
+                        help="[NAME=]PATH of an HF model directory or a verl checkpoint (global_step_N) saved "
+                        "with hf_model; repeat for one table row per run")
     parser.add_argument("--recipe", help="take sampling settings, benchmarks and reward from this recipe")
     parser.add_argument("--data", action="append", default=[], help="[NAME=]PATH of a verl parquet/jsonl")
     parser.add_argument("--reward", help="PATH:NAME of a verl reward function (file or pkg://module); default: the "
@@ -187,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         from erc_verl.train import compose
 
         cfg = compose(args.recipe, args.overrides)
-        settings.update(OmegaConf.to_container(cfg.erc_verl.eval) if OmegaConf.select(cfg, "erc_verl.eval") else {})
+        if OmegaConf.select(cfg, "erc_verl.eval"):
+            settings.update(OmegaConf.to_container(cfg.erc_verl.eval, resolve=True))
         val_files = cfg.data.val_files
         benchmarks = _named([val_files] if isinstance(val_files, str) else list(val_files), "benchmark")
         score_fn = get_custom_reward_fn(cfg)
@@ -206,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         from verl.utils.reward_score import default_compute_score as score_fn
 
     results = evaluate(
-        _named(args.model, "model"), benchmarks, score_fn, n=settings["n"], temperature=settings["temperature"],
+        {name: model_dir(path) for name, path in _named(args.model, "model").items()}, benchmarks, score_fn, n=settings["n"], temperature=settings["temperature"],
         top_p=settings["top_p"], max_tokens=settings["max_response_length"],
         ks=[int(k) for k in args.k.split(",") if k], backend=args.backend, batch_size=args.batch_size, seed=args.seed,
     )

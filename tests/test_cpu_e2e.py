@@ -5,6 +5,7 @@ Three short runs (module-scoped, each shared by several assertions):
 - `main`: one mini-batch per step, one epoch, dynamic sampling, validation before/after, checkpoint, report. The
   old entropy must be the old policy's (entropy ratio == 1 on that only mini-batch) and rollout log-probs the
   actor's.
+  Its last checkpoint is then evaluated with `erc-verl eval --recipe cpu_tiny_erc_dapo`.
 - `narrow` / `wide`: two mini-batches per step, so the second one sees a moved policy; a narrow band must drop
   tokens, a very wide one none.
 The tiny model and data come from the shared cache (built once if missing, as the main command does).
@@ -159,3 +160,36 @@ def test_very_wide_band_drops_nothing(wide_run):
     (_, d), = wide_run
     assert d["actor/entropy_ratio_max"] - d["actor/entropy_ratio_min"] > 1e-4
     assert d["actor/erc_clipfrac"] == 0.0
+
+
+def test_eval_on_the_runs_checkpoint(main_run, tmp_path):
+    """`erc-verl eval` on the CPU run's own checkpoint (its hf_model), next to the warm start it trained from."""
+    import torch
+    from safetensors.torch import load_file
+
+    _, run_dir = main_run
+    checkpoint = os.path.join(run_dir, "checkpoints", "global_step_2")
+    warm_start = os.path.join(os.environ.get("ERC_VERL_CACHE", str(REPO_ROOT / ".cache" / "erc_verl")),
+                              "cpu_tiny_arith", "model")
+    trained = load_file(os.path.join(checkpoint, "actor", "huggingface", "model.safetensors"))
+    initial = load_file(os.path.join(warm_start, "model.safetensors"))
+    assert trained.keys() == initial.keys()
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # two updates moved the weights
+
+    env = dict(os.environ, ERC_VERL_CACHE=os.path.dirname(os.path.dirname(warm_start)))
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "erc_verl.cli", "eval", "--recipe", "cpu_tiny_erc_dapo",
+         "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--k", "1,4", "--out", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["settings"] == {"n": 4, "temperature": 1.5, "top_p": 1.0, "max_response_length": 12}
+    for run in ("warm_start", "step2"):
+        bench = report["results"][run]["val"]
+        assert bench["problems"] == 128 and bench["n"] == 4
+        assert 0.0 < bench["avg@4"] <= bench["pass@4"] <= 1.0
+    lines = (out / "eval.md").read_text().splitlines()
+    assert lines[0] == "| avg@4 | val |"
+    assert lines[2].startswith("| warm_start | ") and lines[3].startswith("| step2 | ")

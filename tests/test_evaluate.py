@@ -105,3 +105,16 @@ def test_cli_on_a_tiny_local_model(tiny_model, capsys):
 def test_cli_rejects_missing_paths(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         cli_main(["eval", "--model", str(tmp_path / "nope"), "--data", str(tmp_path / "x.parquet")])
+
+
+def test_checkpoint_without_hf_weights_says_how_to_save_them(tmp_path):
+    hf = tmp_path / "global_step_10" / "actor" / "huggingface"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text("{}")  # verl always saves the config and tokenizer, weights only with hf_model
+    with pytest.raises(SystemExit, match="save_contents including hf_model"):
+        evaluate.model_dir(str(tmp_path / "global_step_10"))
+    (hf / "model.safetensors").write_bytes(b"")
+    assert evaluate.model_dir(str(tmp_path / "global_step_10")) == str(hf)
+    assert evaluate.model_dir(str(hf)) == str(hf)
+    with pytest.raises(SystemExit, match="neither an HF model directory nor a verl checkpoint"):
+        evaluate.model_dir(str(tmp_path))
