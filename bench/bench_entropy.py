@@ -11,7 +11,10 @@ entropy is dropped before backward, as when the engine's `forward_step` returns.
     autograd_chunked             entropy_from_logits_with_chunking=True alone
     checkpoint_chunked           what enable_erc sets: entropy_checkpointing + chunking (torch.utils.checkpoint)
     checkpoint_chunked_compiled  the same with verl's default torch.compile
-    nograd_chunked               chunked entropy under torch.no_grad()
+    nograd_chunked               verl's chunked entropy under torch.no_grad()
+    erc_nograd                   what the ERC trainer modes' actor engine runs (erc_verl.entropy, with enable_erc's
+                                 settings: called through verl's checkpoint branch, engine chunk size)
+    erc_nograd_compiled          the same with verl's default torch.compile
 
 Sources: `logits` (a leaf [T, V]: the entropy's own cost) and `hidden` (hidden states through an lm_head
 [V, H], so the step also holds the lm_head's activations and gradients; memory only, its matmuls make timed steps
@@ -23,6 +26,7 @@ transient peak, what it still holds afterwards (its saved graph) and its time.
 """
 
 import warnings
+from functools import partial
 
 import torch
 import verl.utils.torch_functional as verl_F
@@ -30,6 +34,7 @@ from bench_loss import CONFIG_OVERRIDES
 from common import MIB, arg_parser, parse, interleaved_times, median, peak_allocated, print_table, write_results
 
 import erc_verl.losses  # noqa: F401  (registers erc_dapo)
+from erc_verl.entropy import entropy_without_grad
 from tests.verl_config import actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
@@ -46,6 +51,10 @@ def entropy_methods(chunk_size: int) -> dict:
         with torch.no_grad():
             return verl_F.entropy_from_logits_with_chunking(logits, chunk_size=chunk_size)
 
+    # as erc_verl.entropy.install_entropy_without_grad sets the engine's entropy function
+    erc_eager = partial(entropy_without_grad, chunk_size=chunk_size, compile=False)
+    erc_compiled = partial(entropy_without_grad, chunk_size=chunk_size, compile=True)
+
     # the checkpoint branch calls compute_entropy_from_logits(logits) without chunk_size (its 2048 default)
     return {
         "none": None,
@@ -55,6 +64,8 @@ def entropy_methods(chunk_size: int) -> dict:
         "checkpoint_chunked": lambda x: torch.utils.checkpoint.checkpoint(verl_F.entropy_from_logits_with_chunking, x),
         "checkpoint_chunked_compiled": lambda x: torch.utils.checkpoint.checkpoint(compiled_chunked, x),
         "nograd_chunked": nograd_chunked,
+        "erc_nograd": lambda x: torch.utils.checkpoint.checkpoint(erc_eager, x),
+        "erc_nograd_compiled": lambda x: torch.utils.checkpoint.checkpoint(erc_compiled, x),
     }
 
 

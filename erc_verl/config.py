@@ -102,15 +102,20 @@ def check_entropies_can_arrive(cfg: DictConfig, loss_mode: str) -> None:
         raise ErcConfigError(f"distillation.enabled=True: not supported together with loss_mode={loss_mode}")
 
 
+# actor strategies whose engines have the swappable `compute_entropy_from_logits` (erc_verl.entropy)
+NO_GRAD_ENTROPY_STRATEGIES = ("fsdp", "fsdp2", "automodel", "veomni", "torchtitan")
+
+
 def enable_erc(cfg: DictConfig) -> DictConfig:
     """Turn on what an ERC loss needs, so that selecting `loss_mode=erc_*` is the only flag a user sets.
 
     - the policy-loss dataclass that carries the ERC band;
     - the ERC variant of the trainer mode (it installs the entropy-aware loss on the actor workers);
-    - current-policy entropy in the actor update, computed without keeping an autograd graph when nothing
-      backpropagates into it (entropy_coeff == 0: ERC only needs it as a mask). verl's entropy checkpointing
-      saves only the logits (already kept for the log-probs) and would recompute the entropy in backward only if
-      a gradient reached it; chunking bounds the forward's full-vocabulary temporaries.
+    - current-policy entropy in the actor update, without an autograd graph when nothing backpropagates into it
+      (entropy_coeff == 0: ERC only needs it as a mask). The ERC trainer modes' actor engines then compute it
+      under no_grad in chunks (`erc_verl.entropy`); verl's entropy checkpointing covers the no-remove-padding
+      path and engines without that function, where verl's own entropy function runs: it keeps only the logits
+      (already kept for the log-probs) and recomputes nothing, since no gradient reaches the entropy.
     Then run the start-up checks (for every loss mode). Mutates and returns `cfg`.
     """
     loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
@@ -128,8 +133,14 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
                 actor = cfg.actor_rollout_ref.actor
                 actor.calculate_entropy = True
                 if actor.get("entropy_coeff", 0) == 0:
-                    actor.entropy_checkpointing = True
                     actor.entropy_from_logits_with_chunking = True
+                    # Where the ERC workers' engine computes the entropy (remove-padding path) it is already
+                    # graph-free, and verl's reentrant checkpoint of a graph-free function would fail if any
+                    # gradient ever reached it; elsewhere verl calls its own function and checkpointing is needed.
+                    actor.entropy_checkpointing = not (
+                        _select(cfg, "actor_rollout_ref.model.use_remove_padding", True)
+                        and actor.get("strategy") in NO_GRAD_ENTROPY_STRATEGIES
+                    )
     check_erc_config(cfg)
     return cfg
 

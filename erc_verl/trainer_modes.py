@@ -4,15 +4,21 @@
 `separate_async` (verl keys behaviour on the mode name, so each runs under its base name), and additionally:
 - make the actor update compute the current policy's entropy (`actor.calculate_entropy=True`);
 - replace the actor workers' loss function with `worker_loss.entropy_aware_ppo_loss` through verl's
-  `set_loss_fn`, once the workers are up and before the first step.
+  `set_loss_fn`, once the workers are up and before the first step;
+- with `entropy_coeff == 0`, run the actor workers as `erc_verl.entropy`'s subclass, whose engine computes the
+  current entropy without autograd (ERC only thresholds it).
 The old policy's entropy needs nothing extra: the V1 trainer already stores it next to `old_log_probs`.
 """
 
 from functools import partial
 
+import ray
 from omegaconf import open_dict
+from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync, register_trainer
 from verl.utils.config import omega_conf_to_dataclass
+
+from erc_verl.entropy import actor_worker_without_entropy_grad
 
 # a module reference, read when a trainer starts: this module may be imported while worker_loss is half-way
 # through its own import of verl (see erc_verl/names.py)
@@ -32,6 +38,15 @@ class ErcTrainerMixin:
             config.trainer.v1.trainer_mode = self.base_mode
             config.actor_rollout_ref.actor.calculate_entropy = True
         super().__init__(config)
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if self.config.actor_rollout_ref.actor.entropy_coeff != 0:
+            return  # the entropy bonus needs the entropy's gradient: verl's own computation
+        for role in (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef):
+            if role in self.role_worker_mapping:
+                base = self.role_worker_mapping[role].__ray_actor_class__
+                self.role_worker_mapping[role] = ray.remote(actor_worker_without_entropy_grad(base))
 
     def on_init_end(self):
         actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)

@@ -41,7 +41,8 @@ SHORT = [
 
 
 def train(tmp_path_factory, name: str, overrides: list[str]) -> tuple[list[tuple[int, dict]], str]:
-    """Run `erc-verl train` in a subprocess; return the JSONL metrics rows and the run directory."""
+    """Run `erc-verl train` in a subprocess; return the JSONL metrics rows and the run directory (its log is
+    `train.log` beside it)."""
     work = tmp_path_factory.mktemp(name)
     run_dir = str(work / "run")
     env = dict(
@@ -119,6 +120,13 @@ def test_every_step_logs_finite_erc_metrics(main_run):
             assert key in d and math.isfinite(d[key]), key
         for key in ("critic/score/mean", "actor/entropy", "actor/pg_loss", "timing_s/gen"):
             assert key in d
+
+
+def test_actor_engine_computes_the_entropy_without_autograd(main_run):
+    from erc_verl.entropy import ENGINE_MESSAGE
+
+    log = open(os.path.join(os.path.dirname(main_run[1]), "train.log")).read()
+    assert f"{ENGINE_MESSAGE} (chunks of 2048 tokens)" in log
 
 
 def test_old_entropy_is_the_old_policys(main_run):

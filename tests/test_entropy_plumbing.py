@@ -181,12 +181,22 @@ def test_enable_erc_turns_on_what_erc_needs():
     cfg = enable_erc(verl_config("actor_rollout_ref.actor.policy_loss.loss_mode=erc_gppo"))
     assert cfg.trainer.v1.trainer_mode == "erc_sync"
     assert cfg.actor_rollout_ref.actor.calculate_entropy is True
-    # a mask only: no autograd graph kept for it, computed in chunks
-    assert cfg.actor_rollout_ref.actor.entropy_checkpointing is True
+    # a mask only, computed in chunks: on verl's default remove-padding path the ERC workers' engine computes it
+    # without autograd (erc_verl.entropy), so verl's checkpoint must not wrap it
+    assert cfg.actor_rollout_ref.model.use_remove_padding is True
+    assert cfg.actor_rollout_ref.actor.entropy_checkpointing is False
     assert cfg.actor_rollout_ref.actor.fsdp_config.entropy_from_logits_with_chunking is True
     policy_loss = cfg.actor_rollout_ref.actor.policy_loss
     assert policy_loss._target_ == "erc_verl.config.ErcPolicyLossConfig"
     assert (policy_loss.erc_beta_low, policy_loss.erc_beta_high) == (0.05, 0.05)
+
+
+@pytest.mark.parametrize("override", ["actor_rollout_ref.model.use_remove_padding=false",
+                                      "actor_rollout_ref.actor.strategy=megatron"])
+def test_verls_own_entropy_paths_are_checkpointed(override):
+    # there verl calls its own entropy function: checkpointing keeps no graph for it
+    cfg = enable_erc(verl_config("actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo", override))
+    assert cfg.actor_rollout_ref.actor.entropy_checkpointing is True
 
 
 def test_entropy_bonus_keeps_its_gradient_graph():
