@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--call-repeats", type=int, default=7, help="timed entropy calls per method")
     parser.add_argument("--chunk-size", type=int, default=2048, help="verl's entropy_from_logits_chunk_size")
     parser.add_argument("--name", default="entropy", help="results file <out>/<name>.json")
+    parser.add_argument("--methods", nargs="+", help="measure only these methods (none and autograd always)")
     args = parse(parser)
     if args.quick:
         args.tokens, args.vocab, args.hidden_vocab, args.hidden = 64, [1000], [1000], 16
@@ -192,6 +193,11 @@ def main() -> None:
 
     config = actor_config(*CONFIG_OVERRIDES)
     methods = entropy_methods(args.chunk_size)
+    if args.methods:
+        unknown = set(args.methods) - set(methods)
+        if unknown:
+            parser.error(f"unknown --methods {sorted(unknown)}; choose from {list(methods)}")
+        methods = {k: v for k, v in methods.items() if k in {"none", "autograd", *args.methods}}
     # the hidden source is memory only: its lm_head matmuls make timed steps too slow for this machine
     runs = [("logits", v, args.repeats) for v in args.vocab] + [("hidden", v, 0) for v in args.hidden_vocab]
     rows = []

@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lengths", type=int, nargs="+", help="new tokens per sequence (default: recipe, 64)")
     parser.add_argument("--batch", type=int, help="sequences per batch (default: recipe's batch x n)")
-    # the backend's server sets torch threads to os.cpu_count(); the recipe's other workers run with 1
+    # the backend's server runs with the recipe's OMP_NUM_THREADS=1 (Ray runtime_env): 1 torch thread
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[1, 2], help="torch threads to measure")
     args = parser.parse_args()
     settings = recipe_settings()
