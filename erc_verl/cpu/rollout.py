@@ -28,11 +28,11 @@ from verl.workers.rollout.replica import RolloutReplica, RolloutReplicaRegistry,
 logger = logging.getLogger(__name__)
 
 NAME = "hf"
-_SERVER_PREFIX = "hf_"
 
 
-def _server_name(replica_rank: int, node_rank: int = 0) -> str:
-    return f"{_SERVER_PREFIX}server_{replica_rank}_{node_rank}"
+def server_name(backend: str, replica_rank: int) -> str:
+    """The Ray actor name of a replica's server (how the actor workers' adapters find it)."""
+    return f"{backend}_server_{replica_rank}_0"
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -122,15 +122,26 @@ def sample(
 
 class HFRolloutServer:
     """Ray actor serving token-in/token-out generation from an HF causal LM (the methods verl's replica,
-    load balancer and checkpoint manager call on a rollout server)."""
+    load balancer and checkpoint manager call on a rollout server).
+
+    Other backends subclass it and override `_load_model`, `_generate` and `update_weights`: the request queue,
+    batching and the rest of the server API stay.
+    """
+
+    backend = NAME
 
     def __init__(self, config: RolloutConfig, model_config, replica_rank: int):
-        from transformers import AutoModelForCausalLM
-
-        model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
         self.config = config
         self.replica_rank = replica_rank
         self.global_steps = None
+        self._pending: list[tuple[list[int], tuple, asyncio.Future]] = []  # (prompt, sampling key, future)
+        self._batch_task: Optional[asyncio.Task] = None
+        self._lock = asyncio.Lock()  # weight updates never interleave with generation
+        self._load_model(omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig))
+
+    def _load_model(self, model_config: HFModelConfig) -> None:
+        from transformers import AutoModelForCausalLM
+
         self.model = AutoModelForCausalLM.from_pretrained(
             model_config.local_path, dtype=_torch_dtype(config.dtype), attn_implementation="eager"
         ).eval()
@@ -139,10 +150,7 @@ class HFRolloutServer:
         self.eos_token_ids = list(eos) if isinstance(eos, list | tuple) else [eos]
         pad = model_config.tokenizer.pad_token_id if model_config.tokenizer is not None else None
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
-        self.generator = torch.Generator().manual_seed(config.seed + replica_rank)
-        self._pending: list[tuple[list[int], tuple, asyncio.Future]] = []  # (prompt, sampling key, future)
-        self._batch_task: Optional[asyncio.Task] = None
-        self._lock = asyncio.Lock()  # weight updates never interleave with a forward pass
+        self.generator = torch.Generator().manual_seed(self.config.seed + self.replica_rank)
 
     def _max_tokens(self, prompt_len: int, sampling_params: dict) -> int:
         limit = self.config.max_model_len or (self.config.prompt_length + self.config.response_length)
@@ -156,7 +164,7 @@ class HFRolloutServer:
     ) -> TokenOutput:
         for unsupported in ("image_data", "video_data", "audio_data"):
             if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(f"rollout '{NAME}' is text-only ({unsupported} given)")
+                raise NotImplementedError(f"rollout '{self.backend}' is text-only ({unsupported} given)")
         key = (
             float(sampling_params.get("temperature", 1.0)),
             int(sampling_params.get("top_k", -1)),
@@ -180,30 +188,35 @@ class HFRolloutServer:
         await asyncio.sleep(0.005)
         while self._pending:
             pending, self._pending = self._pending, []
-            groups: dict[tuple, list] = {}
-            for prompt, key, future in pending:
-                groups.setdefault(key, []).append((prompt, future))
-            for (temperature, top_k, top_p, max_tokens), items in groups.items():
+            for batch in self._batches(pending):
                 try:
                     async with self._lock:
-                        ids, lps = await asyncio.to_thread(
-                            sample,
-                            self.model,
-                            [p for p, _ in items],
-                            max_tokens,
-                            temperature,
-                            top_k,
-                            top_p,
-                            self.eos_token_ids,
-                            self.pad_token_id,
-                            self.generator,
-                        )
+                        results = await self._generate([(prompt, key) for prompt, key, _ in batch])
                 except Exception as e:  # fail the requests, not the server
-                    for _, future in items:
-                        future.set_exception(e)
-                    continue
-                for (_, future), i, lp in zip(items, ids, lps, strict=True):
-                    future.set_result((i, lp))
+                    results = [e] * len(batch)
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if future.done():  # its caller gave up (cancelled): the others still get their results
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+
+    def _batches(self, pending: list) -> list[list]:
+        """One `sample` call per distinct sampling setting."""
+        groups: dict[tuple, list] = {}
+        for request in pending:
+            groups.setdefault(request[1], []).append(request)
+        return list(groups.values())
+
+    async def _generate(self, requests: list[tuple[list[int], tuple]]) -> list[tuple[list[int], list[float]]]:
+        """(token ids, log-probs) per (prompt, (temperature, top_k, top_p, max_tokens)); one setting per batch."""
+        temperature, top_k, top_p, max_tokens = requests[0][1]
+        ids, lps = await asyncio.to_thread(
+            sample, self.model, [prompt for prompt, _ in requests], max_tokens, temperature, top_k, top_p,
+            self.eos_token_ids, self.pad_token_id, self.generator,
+        )
+        return list(zip(ids, lps, strict=True))
 
     async def update_weights(self, weights: dict[str, torch.Tensor], global_steps: Optional[int] = None):
         async with self._lock:
@@ -263,16 +276,21 @@ class HFReplica(RolloutReplica):
     reach it exactly as they reach a vLLM server.
     """
 
+    backend = NAME
+    server_cls = HFRolloutServer
+
     async def launch_servers(self):
         if self.nnodes != 1:
-            raise NotImplementedError(f"rollout '{NAME}' runs one process per replica (got {self.nnodes} nodes)")
+            raise NotImplementedError(
+                f"rollout '{self.backend}' runs one process per replica (got {self.nnodes} nodes)"
+            )
         if self.workers:
             node_id = await self.workers[0].__ray_call__.remote(lambda w: ray.get_runtime_context().get_node_id())
         else:
             node_id = ray.get_runtime_context().get_node_id()
-        name = _server_name(self.replica_rank)
+        name = server_name(self.backend, self.replica_rank)
         server = (
-            ray.remote(HFRolloutServer)
+            ray.remote(self.server_cls)
             .options(
                 name=name,
                 num_cpus=0,  # shares the cores with the (idle while generating) actor worker
@@ -290,6 +308,8 @@ class HFReplica(RolloutReplica):
 class HFServerAdapter(BaseRollout):
     """Lives in each actor worker; the replica's first rank pushes the actor's weights to the server."""
 
+    backend = NAME
+
     def __init__(self, config: RolloutConfig, model_config: HFModelConfig, device_mesh, replica_rank: int = -1):
         super().__init__(config, model_config, device_mesh)
         rollout_world_size = (
@@ -304,7 +324,7 @@ class HFServerAdapter(BaseRollout):
 
     def _server_handle(self):
         if self._server is None:
-            self._server = ray.get_actor(_server_name(self.replica_rank))
+            self._server = ray.get_actor(server_name(self.backend, self.replica_rank))
         return self._server
 
     async def update_weights(
@@ -316,7 +336,9 @@ class HFServerAdapter(BaseRollout):
         **kwargs,
     ):
         if wire_format != "named_tensors" or peft_config is not None:
-            raise NotImplementedError(f"rollout '{NAME}' takes full named tensors only (no LoRA adapters, no deltas)")
+            raise NotImplementedError(
+                f"rollout '{self.backend}' takes full named tensors only (no LoRA adapters, no deltas)"
+            )
         # Every rank drains the generator: producing full tensors from FSDP shards is a collective.
         state = {name: t.detach().to("cpu", copy=True) for name, t in weights}
         if self._has_server:
