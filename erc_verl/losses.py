@@ -26,7 +26,6 @@ from erc_verl.names import (
     ERC_PREFIX,
     POLICY_LOSS_KEY,
     ErcConfigError,
-    MissingEntropyError,
     erc_base_mode,
 )
 

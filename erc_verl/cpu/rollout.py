@@ -143,7 +143,7 @@ class HFRolloutServer:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_config.local_path, dtype=_torch_dtype(config.dtype), attn_implementation="eager"
+            model_config.local_path, dtype=_torch_dtype(self.config.dtype), attn_implementation="eager"
         ).eval()
         gen_cfg = self.model.generation_config
         eos = model_config.tokenizer.eos_token_id if model_config.tokenizer is not None else gen_cfg.eos_token_id
