@@ -56,7 +56,8 @@ def test_no_graph_even_when_the_logits_require_grad():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = torch.utils.checkpoint.checkpoint(entropy_without_grad, logits)
-    torch.testing.assert_close(wrapped.detach(), entropy_without_grad(logits))
+    reference = torch.tensor([hand_entropy(torch.softmax(r.double(), -1).tolist()) for r in logits.detach()])
+    torch.testing.assert_close(wrapped.detach(), reference.float(), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_chunk_size_is_named():
@@ -64,12 +65,13 @@ def test_bad_chunk_size_is_named():
         entropy_without_grad(torch.zeros(2, 3), chunk_size=0)
 
 
-def test_compiled_matches_eager():
+def test_compiled_path_values():
     g = torch.Generator().manual_seed(2)
     logits = 2 * torch.randn(9, 33, generator=g)
-    torch.testing.assert_close(
-        entropy_without_grad(logits, chunk_size=4, compile=True), entropy_without_grad(logits, chunk_size=4)
-    )
+    reference = torch.tensor([hand_entropy(torch.softmax(r.double(), -1).tolist()) for r in logits])
+    got = entropy_without_grad(logits, chunk_size=4, compile=True)
+    torch.testing.assert_close(got, reference.float(), atol=1e-5, rtol=1e-5)
+    assert got.grad_fn is None
 
 
 class _EngineConfig:
