@@ -10,7 +10,6 @@ largest single process (the actor/rollout worker that trains), `tree_peak` the s
     .venv/bin/python bench/bench_e2e.py [--quick] [--runs 2] [--steps 6] [-- extra hydra overrides]
 """
 
-import json
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import psutil
 from common import REPO, arg_parser, median, print_table, write_results
+
+from erc_verl.runs.metrics import read_steps
 
 MODES = {
     "dapo": ["actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"],
@@ -72,11 +73,6 @@ class TreeMemory(threading.Thread):
         self.join()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """verl's file logger: one {"step": n, "data": {...}} per line."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def one_run(mode: str, index: int, args, work: Path) -> dict:
     name = f"{mode}_{index}"
     run_dir = work / name
@@ -106,7 +102,7 @@ def one_run(mode: str, index: int, args, work: Path) -> dict:
     wall = time.perf_counter() - start
     if rc != 0 or not metrics_path.exists():
         raise SystemExit(f"{' '.join(cmd)}\nexited {rc}; see {work / (name + '.log')}")
-    steps = [m for m in read_metrics(metrics_path) if "timing_s/step" in m["data"]]
+    steps = [{"step": step, "data": data} for step, data in read_steps(str(metrics_path)) if "timing_s/step" in data]
     timed = steps[args.skip :]
     if not timed:
         raise SystemExit(f"{metrics_path}: {len(steps)} steps with timing_s/step, none after --skip {args.skip}")
@@ -140,7 +136,8 @@ def main() -> None:
 
     work = args.out / ("e2e_quick_runs" if args.quick else "e2e_runs")
     work.mkdir(parents=True, exist_ok=True)
-    from erc_verl.train import call_hook, compose
+    from erc_verl.runs.recipes import compose
+    from erc_verl.runs.train import call_hook
 
     # the recipe's setup hook builds (once, cached) the model and data: done here, outside the timed runs
     call_hook(compose(args.recipe, args.overrides), "setup")

@@ -12,7 +12,7 @@ entropy is dropped before backward, as when the engine's `forward_step` returns.
     checkpoint_chunked           what enable_erc sets: entropy_checkpointing + chunking (torch.utils.checkpoint)
     checkpoint_chunked_compiled  the same with verl's default torch.compile
     nograd_chunked               verl's chunked entropy under torch.no_grad()
-    erc_nograd                   what the ERC trainer modes' actor engine runs (erc_verl.entropy, with enable_erc's
+    erc_nograd                   what the ERC trainer modes' actor engine runs (erc_verl.core.entropy, with enable_erc's
                                  settings: called through verl's checkpoint branch, engine chunk size)
     erc_nograd_compiled          the same with verl's default torch.compile
 
@@ -33,8 +33,8 @@ import verl.utils.torch_functional as verl_F
 from bench_loss import CONFIG_OVERRIDES
 from common import MIB, arg_parser, parse, interleaved_times, median, peak_allocated, print_table, write_results
 
-import erc_verl.losses  # noqa: F401  (registers erc_dapo)
-from erc_verl.entropy import entropy_without_grad
+import erc_verl.core.losses  # noqa: F401  (registers erc_dapo)
+from erc_verl.core.entropy import entropy_without_grad
 from tests.verl_config import actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
@@ -51,7 +51,7 @@ def entropy_methods(chunk_size: int) -> dict:
         with torch.no_grad():
             return verl_F.entropy_from_logits_with_chunking(logits, chunk_size=chunk_size)
 
-    # as erc_verl.entropy.install_entropy_without_grad sets the engine's entropy function
+    # as erc_verl.core.entropy.install_entropy_without_grad sets the engine's entropy function
     erc_eager = partial(entropy_without_grad, chunk_size=chunk_size, compile=False)
     erc_compiled = partial(entropy_without_grad, chunk_size=chunk_size, compile=True)
 

@@ -10,7 +10,7 @@ torch allocates during one forward + backward, above the inputs (see common.peak
 import torch
 from common import MIB, arg_parser, parse, interleaved_times, median, peak_allocated, print_table, write_results
 
-import erc_verl.losses  # noqa: F401  (registers erc_dapo, erc_gppo, gppo)
+import erc_verl.core.losses  # noqa: F401  (registers erc_dapo, erc_gppo, gppo)
 from tests.verl_config import actor_config
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
@@ -19,7 +19,7 @@ PAIRS = [("vanilla", "erc_dapo"), ("gppo", "erc_gppo")]
 CONFIG_OVERRIDES = (
     "actor_rollout_ref.actor.clip_ratio_low=0.2",
     "actor_rollout_ref.actor.clip_ratio_high=0.28",
-    "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+    "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
     "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.05",
     "+actor_rollout_ref.actor.policy_loss.erc_beta_high=0.05",
 )

@@ -35,13 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import arg_parser, parse, print_table, write_results  # noqa: E402
 
-from erc_verl.reward.math_verify_score import (  # noqa: E402
-    THINK_END,
-    MathRewardConfig,
-    compute_score,
-    compute_score_async,
-    score_in_process,
-)
+from erc_verl.reward.judge import THINK_END, MathRewardConfig, score_in_process  # noqa: E402
+from erc_verl.reward.math_verify_score import compute_score, compute_score_async  # noqa: E402
 
 BASELINE_TIMEOUT_S = 5
 # The reference: the same pipeline with every guard and deadline off, i.e. math-verify alone.

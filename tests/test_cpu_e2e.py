@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from erc_verl import REPO_ROOT
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -52,15 +52,15 @@ def train(tmp_path_factory, name: str, overrides: list[str]) -> tuple[list[tuple
         PYTHONUNBUFFERED="1",
     )
     ray_tmp = f"/tmp/ray_erc_{os.getpid()}_{name}"  # own Ray session dir: other clusters may share the machine
-    cmd = [sys.executable, "-m", "erc_verl.cli", "train", "cpu_tiny_erc_dapo", *SHORT, *overrides,
+    cmd = [sys.executable, "-m", "erc_verl", "train", "cpu_tiny_erc_dapo", *SHORT, *overrides,
            f"+ray_kwargs.ray_init._temp_dir={ray_tmp}"]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     (work / "train.log").write_text(log)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log[-6000:]}"
-    from erc_verl.cpu.report import read_metrics
+    from erc_verl.runs.metrics import read_steps
 
-    return read_metrics(os.path.join(run_dir, "metrics.jsonl")), run_dir
+    return read_steps(os.path.join(run_dir, "metrics.jsonl")), run_dir
 
 
 def train_steps(rows):
@@ -123,7 +123,7 @@ def test_every_step_logs_finite_erc_metrics(main_run):
 
 
 def test_actor_engine_computes_the_entropy_without_autograd(main_run):
-    from erc_verl.entropy import ENGINE_MESSAGE
+    from erc_verl.core.entropy import ENGINE_MESSAGE
 
     log = open(os.path.join(os.path.dirname(main_run[1]), "train.log")).read()
     assert f"{ENGINE_MESSAGE} (chunks of 2048 tokens)" in log
@@ -145,7 +145,7 @@ def test_rollout_log_probs_match_the_actor(main_run):
 
 def test_validation_before_and_after_report_and_checkpoint(main_run):
     rows, run_dir = main_run
-    from erc_verl.cpu.report import summarize, val_accuracy_key
+    from erc_verl.runs.report import summarize, val_accuracy_key
 
     key = val_accuracy_key(rows)
     assert key is not None and key.startswith("val-core/erc_verl/cpu_arith/acc/mean@")
@@ -187,7 +187,7 @@ def test_eval_on_the_runs_checkpoint(main_run, tmp_path):
     env = dict(os.environ, ERC_VERL_CACHE=os.path.dirname(os.path.dirname(warm_start)))
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [sys.executable, "-m", "erc_verl.cli", "eval", "--recipe", "cpu_tiny_erc_dapo",
+        [sys.executable, "-m", "erc_verl", "eval", "--recipe", "cpu_tiny_erc_dapo",
          "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--k", "1,4", "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )

@@ -6,7 +6,7 @@ import pytest
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-from erc_verl.cpu import platform as cpu_platform
+from erc_verl.platform import cpu as cpu_platform
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only path")
 

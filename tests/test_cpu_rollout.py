@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from erc_verl.cpu.rollout import HFReplica, HFServerAdapter, sample
+from erc_verl.platform.hf_rollout import HFReplica, HFServerAdapter, sample
 
 EOS, PAD = 3, 0
 
@@ -80,8 +80,8 @@ def test_vllm_cpu_backend_registered_next_to_hf():
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import get_rollout_replica_class
 
-    from erc_verl.cpu.rollout import server_name
-    from erc_verl.cpu.vllm_rollout import VLLMCPUReplica, VLLMCPURolloutServer, VLLMCPUServerAdapter
+    from erc_verl.platform.hf_rollout import server_name
+    from erc_verl.platform.vllm_cpu_rollout import VLLMCPUReplica, VLLMCPURolloutServer, VLLMCPUServerAdapter
 
     assert get_rollout_replica_class("vllm_cpu") is VLLMCPUReplica
     assert get_rollout_class("vllm_cpu", "async") is VLLMCPUServerAdapter
@@ -95,7 +95,7 @@ def test_server_batches_requests_and_survives_a_cancelled_caller(model):
     import asyncio
     from types import SimpleNamespace
 
-    from erc_verl.cpu.rollout import HFRolloutServer
+    from erc_verl.platform.hf_rollout import HFRolloutServer
 
     class InMemoryServer(HFRolloutServer):
         def _load_model(self, model_config):  # the model object itself, instead of a path

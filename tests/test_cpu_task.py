@@ -6,9 +6,9 @@ import os
 import pandas as pd
 import pytest
 
-from erc_verl.cpu import prepare, synthetic_math as sm
-from erc_verl.cpu.tiny_model import ModelSpec
-from erc_verl.cpu.warm_start import WarmStartSpec
+from erc_verl.demo import build as prepare, task as sm
+from erc_verl.demo.tiny_model import ModelSpec
+from erc_verl.demo.warm_start import WarmStartSpec
 
 TINY = (
     sm.TaskSpec(min_a=10, max_a=30, n_val=40),
@@ -87,8 +87,8 @@ def test_cache_is_reused_and_rebuilt_when_the_spec_changes(artifacts):
 def test_warm_start_learns(artifacts):
     import torch
 
-    from erc_verl.cpu.tiny_model import build_model, build_tokenizer
-    from erc_verl.cpu.warm_start import warm_start
+    from erc_verl.demo.tiny_model import build_model, build_tokenizer
+    from erc_verl.demo.warm_start import warm_start
 
     task, model_spec, _ = TINY
     tok = build_tokenizer(sm.corpus(task), model_spec.vocab_size)

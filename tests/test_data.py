@@ -7,9 +7,9 @@ import pytest
 
 from erc_verl.data import INSTRUCTION, PROMPT_TEMPLATE, SOURCES, DataError, format_prompt, prepare
 from erc_verl.data.prepare import main
-from erc_verl.reward.math_verify_score import score_in_process
+from erc_verl.reward.judge import score_in_process
 
-from tests.test_reward_score import SHARED_DATA
+from tests import TEST_DATA
 
 
 def write_jsonl(path, rows):
@@ -25,10 +25,8 @@ def test_prompt_template():
 
 
 @pytest.mark.parametrize("name", ["aime2024", "aime2025"])
-def test_shared_aime_files(tmp_path, name):
-    path = SHARED_DATA / f"{name}.jsonl"
-    if not path.exists():
-        pytest.skip(f"shared AIME data not found: {path.resolve()}")
+def test_aime_files(tmp_path, name):
+    path = TEST_DATA / f"{name}.jsonl"
     source_rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = prepare(name, path, tmp_path)
     frame = pd.read_parquet(out)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from erc_verl import REPO_ROOT
+from tests import REPO_ROOT
 
 DOCKERFILES = {name: REPO_ROOT / "docker" / f"Dockerfile.{name}" for name in ("gpu", "cpu")}
 
@@ -142,13 +142,15 @@ def test_gpu_image_is_verls_vllm_image_for_the_pinned_verl():
     vllm = next(re.search(r"vllm==(\d+)\.(\d+)", r) for r in requires if r.startswith("vllm==") and "extra" in r)
     assert tag.startswith(f"vllm{vllm.group(1)}{int(vllm.group(2)):02d}."), (tag, vllm.group(0))
     assert importlib.metadata.version("verl") == "0.9.1"
-    # The image's CUDA stack is a pip constraint while installing erc-verl.
-    run = next(args for kw, args in steps if kw == "RUN" and "-e ." in args)
+    # The image's CUDA stack is a pip constraint while installing erc-verl's dependencies; erc-verl itself then
+    # installs without any.
+    run = next(args for kw, args in steps if kw == "RUN" and "-r /tmp/requirements.txt" in args)
     assert "-c /tmp/base-pins.txt" in run and "torch" in run and "vllm" in run
+    assert re.search(r"pip install .*--no-deps -e \.", next(a for kw, a in steps if kw == "RUN" and "-e ." in a))
 
 
 def test_cpu_image_runs_the_embedded_default_on_cpu_torch():
-    from erc_verl.train import DEFAULT_CPU_RECIPE
+    from erc_verl.runs.train import DEFAULT_CPU_RECIPE
 
     steps = instructions(DOCKERFILES["cpu"])
     torch_install = next(args for kw, args in steps if kw == "RUN" and "torch==" in args)

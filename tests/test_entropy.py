@@ -1,4 +1,4 @@
-"""erc_verl.entropy: the current policy's entropy for the ERC mask without autograd, and how the ERC trainer modes
+"""erc_verl.core.entropy: the current policy's entropy for the ERC mask without autograd, and how the ERC trainer modes
 put it into the actor workers' engines."""
 
 import math
@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from erc_verl import entropy as erc_entropy
-from erc_verl.entropy import entropy_without_grad, install_entropy_without_grad
+from erc_verl.core import entropy as erc_entropy
+from erc_verl.core.entropy import entropy_without_grad, install_entropy_without_grad
 
 
 def hand_entropy(probs: list[float]) -> float:
@@ -128,7 +128,7 @@ def test_erc_trainer_mode_runs_the_actor_on_the_no_grad_worker(entropy_coeff, sw
     from verl.trainer.ppo.utils import Role
     from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-    from erc_verl.trainer_modes import ErcTrainerMixin
+    from erc_verl.core.trainer_modes import ErcTrainerMixin
 
     class StockTrainer:
         def _init_resource_pool_mgr(self):

@@ -9,10 +9,11 @@ import torch
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.losses import ppo_loss
 
-from erc_verl.config import ErcPolicyLossConfig, check_erc_config, enable_erc
-from erc_verl.names import ErcConfigError
-from erc_verl.trainer_modes import ERC_TRAINER_MODES, erc_trainer_mode
-from erc_verl.worker_loss import entropy_aware_ppo_loss
+from erc_verl.core.config import ErcPolicyLossConfig, check_erc_config, enable_erc
+from erc_verl.core.config import ErcConfigError
+from erc_verl.core.config import ERC_TRAINER_MODES, erc_trainer_mode
+from erc_verl.core.trainer_modes import ERC_TRAINERS
+from erc_verl.core.worker_loss import entropy_aware_ppo_loss
 from tests.verl_config import actor_config, verl_config
 
 PROMPT_LENS = [3, 2, 4]
@@ -20,7 +21,7 @@ RESPONSE_LENS = [4, 2, 3]
 ERC_OVERRIDES = (
     "actor_rollout_ref.actor.clip_ratio_high=0.28",
     "actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo",
-    "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+    "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
     "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.05",
     "+actor_rollout_ref.actor.policy_loss.erc_beta_high=0.05",
 )
@@ -182,12 +183,12 @@ def test_enable_erc_turns_on_what_erc_needs():
     assert cfg.trainer.v1.trainer_mode == "erc_sync"
     assert cfg.actor_rollout_ref.actor.calculate_entropy is True
     # a mask only, computed in chunks: on verl's default remove-padding path the ERC workers' engine computes it
-    # without autograd (erc_verl.entropy), so verl's checkpoint must not wrap it
+    # without autograd (erc_verl.core.entropy), so verl's checkpoint must not wrap it
     assert cfg.actor_rollout_ref.model.use_remove_padding is True
     assert cfg.actor_rollout_ref.actor.entropy_checkpointing is False
     assert cfg.actor_rollout_ref.actor.fsdp_config.entropy_from_logits_with_chunking is True
     policy_loss = cfg.actor_rollout_ref.actor.policy_loss
-    assert policy_loss._target_ == "erc_verl.config.ErcPolicyLossConfig"
+    assert policy_loss._target_ == "erc_verl.core.config.ErcPolicyLossConfig"
     assert (policy_loss.erc_beta_low, policy_loss.erc_beta_high) == (0.05, 0.05)
 
 
@@ -233,7 +234,7 @@ def test_bad_configs_fail_at_start_up_naming_the_key(overrides, match):
 def test_erc_loss_with_a_stock_trainer_mode_is_rejected():
     cfg = verl_config(
         "actor_rollout_ref.actor.policy_loss.loss_mode=erc_dapo",
-        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.05",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_high=0.05",
     )
@@ -253,7 +254,10 @@ def test_erc_policy_loss_config_validates_itself():
 
 
 def test_trainer_modes():
-    assert set(ERC_TRAINER_MODES) == {"erc_sync", "erc_colocate_async", "erc_separate_async"}
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    assert set(ERC_TRAINER_MODES) == set(ERC_TRAINERS) == {"erc_sync", "erc_colocate_async", "erc_separate_async"}
+    assert all(TRAINER_REGISTRY[name] is cls for name, cls in ERC_TRAINERS.items())  # registered by the plugin
     assert erc_trainer_mode("sync") == "erc_sync" and erc_trainer_mode("erc_sync") == "erc_sync"
     with pytest.raises(ValueError, match="trainer_mode='fully_async'"):
         erc_trainer_mode("fully_async")

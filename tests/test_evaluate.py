@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from erc_verl import evaluate
+from erc_verl.runs import evaluate
 from erc_verl.cli import main as cli_main
 
 
@@ -72,7 +72,7 @@ def test_malformed_benchmark_names_the_problem(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """An untrained tiny Qwen2 model and the synthetic arithmetic split, built locally like the CPU recipe's."""
-    from erc_verl.cpu import synthetic_math, tiny_model
+    from erc_verl.demo import task as synthetic_math, tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     spec = synthetic_math.TaskSpec(n_val=6)
@@ -88,7 +88,7 @@ def test_cli_on_a_tiny_local_model(tiny_model, capsys):
     out = tiny_model / "out"
     code = cli_main(
         ["eval", "--model", f"tiny={tiny_model / 'model'}", "--data", str(tiny_model / "arith_val.parquet"),
-         "--reward", "pkg://erc_verl.cpu.synthetic_math:compute_score", "--n", "4", "--k", "1,2,4", "--max-response-length", "6", "--temperature", "1.0", "--out", str(out)]
+         "--reward", "pkg://erc_verl.demo.task:compute_score", "--n", "4", "--k", "1,2,4", "--max-response-length", "6", "--temperature", "1.0", "--out", str(out)]
     )
     assert code == 0
     report = json.loads((out / "eval.json").read_text())

@@ -6,8 +6,8 @@ import pytest
 import torch
 from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
-from erc_verl.losses import entropy_ratio_mask
-from erc_verl.names import MissingEntropyError
+from erc_verl.core.losses import entropy_ratio_mask
+from erc_verl.core.worker_loss import MissingEntropyError
 from tests.verl_config import actor_config
 
 # Five tokens of one response, old_log_prob = 0 so r = exp(log_prob); eps_low 0.2, eps_high 0.28, c 3.
@@ -54,7 +54,7 @@ def config():
         "actor_rollout_ref.actor.clip_ratio_low=0.2",
         "actor_rollout_ref.actor.clip_ratio_high=0.28",
         "actor_rollout_ref.actor.clip_ratio_c=3.0",
-        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.05",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_high=0.05",
     )
@@ -96,7 +96,7 @@ def test_erc_drops_gradient_outside_band(config, loss_mode, base_grads):
 def test_wide_band_equals_base_loss(erc_mode, base_mode):
     wide = actor_config(
         "actor_rollout_ref.actor.clip_ratio_high=0.28",
-        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.999999",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_high=1e9",
     )

@@ -18,7 +18,7 @@ def config():
     return actor_config(
         "actor_rollout_ref.actor.clip_ratio_high=0.28",
         "actor_rollout_ref.actor.clip_ratio_c=10.0",
-        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig",
+        "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_low=0.05",
         "+actor_rollout_ref.actor.policy_loss.erc_beta_high=0.05",
     )

@@ -2,7 +2,7 @@
 
 import json
 
-from erc_verl import metrics_log
+from erc_verl.runs import metrics as metrics_log
 from tests.verl_config import verl_config
 
 

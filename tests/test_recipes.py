@@ -7,8 +7,9 @@ import pytest
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass, validate_config
 
-from erc_verl.names import ErcConfigError
-from erc_verl.train import available_recipes, compose, split_recipe
+from erc_verl.core.config import ErcConfigError
+from erc_verl.runs.recipes import RecipeError, available as available_recipes, compose
+from erc_verl.runs.train import split_recipe
 
 GRID = {
     f"{row}_r1_distill_{size}": (row, size)
@@ -107,7 +108,7 @@ def test_invalid_override_fails_before_any_worker_starts():
         compose("erc_dapo_r1_distill_1p5b", ["actor_rollout_ref.actor.policy_loss.erc_beta_low=1.5"])
     # through the command line: exits non-zero naming the key, long before Ray would start
     result = subprocess.run(
-        [sys.executable, "-m", "erc_verl.cli", "train", "erc_dapo_r1_distill_1p5b",
+        [sys.executable, "-m", "erc_verl", "train", "erc_dapo_r1_distill_1p5b",
          "actor_rollout_ref.actor.policy_loss.erc_beta_high=0"],
         capture_output=True, text=True, timeout=300,
     )
@@ -117,8 +118,11 @@ def test_invalid_override_fails_before_any_worker_starts():
 
 
 def test_unknown_recipe_lists_the_available_ones():
-    with pytest.raises(SystemExit, match="available: .*erc_dapo_r1_distill_1p5b"):
+    with pytest.raises(RecipeError, match="available recipes:(.|\n)*erc_dapo_r1_distill_1p5b"):
         compose("no_such_recipe")
+    result = subprocess.run([sys.executable, "-m", "erc_verl", "train", "no_such_recipe"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "no recipe 'no_such_recipe'" in result.stderr
 
 
 def test_split_recipe():

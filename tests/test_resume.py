@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from erc_verl import REPO_ROOT, metrics_log
+from erc_verl.runs import metrics as metrics_log
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ def _command(work, name):
         ERC_VERL_RUN_DIR=str(work / "run"),
         PYTHONUNBUFFERED="1",
     )
-    cmd = [sys.executable, "-m", "erc_verl.cli", "train", "cpu_tiny_erc_dapo", *OVERRIDES,
+    cmd = [sys.executable, "-m", "erc_verl", "train", "cpu_tiny_erc_dapo", *OVERRIDES,
            f"trainer.rollout_data_dir={work / 'run' / 'rollouts'}", f"+ray_kwargs.ray_init._temp_dir={ray_tmp}"]
     return cmd, env, ray_tmp
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from erc_verl.reward.math_verify_score import REASONS, MathRewardConfig, compute_score
+from erc_verl.reward.judge import REASONS, MathRewardConfig
+from erc_verl.reward.math_verify_score import compute_score
 
 # Tight soft deadlines keep the suite fast; the mechanism is the same as with the defaults.
 FAST = {"parse_timeout_s": 0.5, "verify_timeout_s": 0.5, "hard_timeout_s": 3.0}

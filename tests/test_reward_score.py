@@ -1,19 +1,13 @@
 """The math reward's verdicts: the paper's long-CoT rules, math-verify equivalence, guards, and AIME answers."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-from erc_verl.reward.math_verify_score import (
-    PRED_MAX_CHARS,
-    REASONS,
-    MathRewardConfig,
-    compute_score,
-    score_in_process,
-)
+from erc_verl.reward.judge import PRED_MAX_CHARS, REASONS, MathRewardConfig, score_in_process
+from erc_verl.reward.math_verify_score import compute_score
+from tests import TEST_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 KEYS = {"score", "acc", "pred", "reason"}
 
 
@@ -151,16 +145,13 @@ def test_unknown_option_is_an_error():
 def _aime_rows():
     rows = []
     for name in ("aime2024", "aime2025"):
-        path = SHARED_DATA / f"{name}.jsonl"
-        if path.exists():
-            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        path = TEST_DATA / f"{name}.jsonl"
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return rows
 
 
 def test_every_aime_ground_truth_scores_correct():
     rows = _aime_rows()
-    if not rows:
-        pytest.skip(f"shared AIME data not found in {SHARED_DATA.resolve()}")
     assert len(rows) == 60
     for row in rows:
         gold = row["reward_model"]["ground_truth"]

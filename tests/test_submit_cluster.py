@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from erc_verl import REPO_ROOT
+from tests import REPO_ROOT
+
+pytestmark = pytest.mark.e2e  # real Ray clusters: part of the full suite, not the fast loop
 
 HEAD_SCRIPT = REPO_ROOT / "launch" / "start_ray_head.sh"
 WORKER_SCRIPT = REPO_ROOT / "launch" / "start_ray_worker.sh"
@@ -178,7 +180,7 @@ def test_smoke_job_follows_to_success_and_its_logs_are_readable(cli, cluster):
     assert status.returncode == 0, status.stderr
     assert f"{job}: SUCCEEDED" in status.stdout
     assert "erc_verl_recipe=smoke" in status.stdout
-    assert "python -m erc_verl.smoke" in status.stdout
+    assert "python -m erc_verl.runs.smoke" in status.stdout
 
     logs = cli("jobs", "logs", job)
     assert logs.returncode == 0, logs.stderr
@@ -267,18 +269,18 @@ def test_worker_script_without_token_fails_before_starting_ray(tmp_path):
 
 
 def test_recipe_job_gets_its_overrides_through(cli, cluster):
-    """The real entry point: `python -m erc_verl.train <recipe> [overrides]` on the cluster. Hydra's `--cfg job`
+    """The real entry point: `python -m erc_verl train <recipe> [overrides]` on the cluster. Hydra's `--cfg job`
     composes the recipe and prints it instead of training, so the override is visible in the job's logs."""
-    from erc_verl.submit import list_recipes
+    from erc_verl.runs.recipes import available
 
-    recipe = list_recipes(REPO_ROOT)[0]
+    recipe = next(iter(available(REPO_ROOT / "recipes")))
     r = cli("submit", recipe, "trainer.experiment_name=from submit", "--follow", "--", "--cfg", "job")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "experiment_name: from submit" in r.stdout
     job = _job_id(r.stdout)
     status = cli("jobs", "status", job)
     assert f"erc_verl_recipe={recipe}" in status.stdout
-    assert f"python -m erc_verl.train {recipe} 'trainer.experiment_name=from submit' --cfg job" in status.stdout
+    assert f"python -m erc_verl train {recipe} 'trainer.experiment_name=from submit' --cfg job" in status.stdout
 
 
 @pytest.mark.e2e
@@ -286,7 +288,7 @@ def test_slurm_template_starts_ray_and_runs_a_recipe(tmp_path):
     """launch/slurm_erc.sbatch on a one-node "allocation": srun and scontrol are stand-ins that run the step
     here. The template starts the head, runs the smoke check, submits the recipe (with `--cfg job`: compose
     and print, no training) and tears Ray down at exit."""
-    from erc_verl.submit import list_recipes
+    from erc_verl.runs.recipes import available
 
     shims = tmp_path / "bin"
     shims.mkdir()
@@ -319,7 +321,7 @@ def test_slurm_template_starts_ray_and_runs_a_recipe(tmp_path):
         ERC_RAY_TEMP_DIR=temp_dir,
         ERC_WAIT_S="120",
     )
-    recipe = list_recipes(REPO_ROOT)[0]
+    recipe = next(iter(available(REPO_ROOT / "recipes")))
     log = tmp_path / "slurm.out"
     leftovers = False
     try:

@@ -13,17 +13,17 @@ import torch
 
 pytest.importorskip("vllm")
 
-from erc_verl.cpu.rollout import sample  # noqa: E402
-from erc_verl.cpu.synthetic_math import TaskSpec, corpus  # noqa: E402
-from erc_verl.cpu.tiny_model import ModelSpec, build_model, build_tokenizer  # noqa: E402
-from erc_verl.cpu.warm_start import encode_pair  # noqa: E402
+from erc_verl.platform.hf_rollout import sample  # noqa: E402
+from erc_verl.demo.task import TaskSpec, corpus  # noqa: E402
+from erc_verl.demo.tiny_model import ModelSpec, build_model, build_tokenizer  # noqa: E402
+from erc_verl.demo.warm_start import encode_pair  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from verl.workers.config import HFModelConfig, RolloutConfig
 
-    from erc_verl.cpu.vllm_rollout import VLLMCPURolloutServer
+    from erc_verl.platform.vllm_cpu_rollout import VLLMCPURolloutServer
 
     task = TaskSpec(n_val=8)
     tokenizer = build_tokenizer(corpus(task), ModelSpec().vocab_size)

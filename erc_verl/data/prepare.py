@@ -3,12 +3,9 @@
     python -m erc_verl.data all                              # from the Hugging Face hub
     python -m erc_verl.data aime2024 --input aime2024.jsonl  # from a local file or folder (jsonl/json/parquet)
 
-Writes `<out-dir>/<name>.parquet` (out-dir: $ERC_VERL_DATA_DIR, else `data/`, where the recipes look). Each row:
-    data_source   math_longcot_math_verify[_aime2024|_aime2025] (the official code's names; the reward accepts any)
-    prompt        [{"role": "user", "content": PROMPT_TEMPLATE.format(question=...)}]
-    ability       math
-    reward_model  {"style": "rule", "ground_truth": "<answer>"}
-    extra_info    {"split": "train"|"test", "index": <row number>}
+Writes `<out-dir>/<name>.parquet` (out-dir: $ERC_VERL_DATA_DIR, else `data/`, where the recipes look), in verl's
+row layout (`erc_verl.data.rows`) with data_source `math_longcot_math_verify[_aime2024|_aime2025]` (the official
+code's names; the reward accepts any) and the user message `PROMPT_TEMPLATE.format(question=...)`.
 Input rows are either verl rows (`prompt` messages and `reward_model.ground_truth`, as the KlearReasoner data
 ships) or plain ones (`problem`/`question` and `answer`, as the AIME sets ship).
 """
@@ -20,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
+
+from erc_verl.data.rows import verl_row
 
 # R1-Distill style: the question, then the instruction DeepSeek recommends for its R1 models.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -106,13 +105,8 @@ def to_verl_rows(rows: Iterable[dict], source: Source, origin: str) -> list[dict
         where = f"{origin}: row {index}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        out.append({
-            "data_source": source.data_source,
-            "prompt": [{"role": "user", "content": format_prompt(_question(row, where))}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": _answer(row, where)},
-            "extra_info": {"split": source.split, "index": index},
-        })
+        out.append(verl_row(source.data_source, format_prompt(_question(row, where)), _answer(row, where),
+                            source.split, index))
     if not out:
         raise DataError(f"{origin}: no rows")
     return out

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
@@ -169,7 +168,7 @@ class DeadlinePool:
         parent_conn, child_conn = multiprocessing.Pipe()  # a socket pair: one fd per side
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # import what we import
         argv = [sys.executable, "-c", _BOOTSTRAP, self._target, str(child_conn.fileno()),
-                str(self._memory_limit_mb or 0), _PACKAGE_DIR]
+                str(self._memory_limit_mb or 0)]
         try:
             slot.process = subprocess.Popen(argv, pass_fds=(child_conn.fileno(),), stdin=subprocess.DEVNULL, env=env)
         except OSError:
@@ -287,14 +286,10 @@ class DeadlinePool:
                 self._retire(slot)
 
 
-# Workers need only the reward modules, but `erc_verl/__init__` imports verl (and torch) for the plugin's sake:
-# seconds and a gigabyte of address space per worker for nothing. The bootstrap registers a bare `erc_verl`
-# package so that `erc_verl.reward.*` imports without running that __init__.
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# The worker's whole program: PYTHONPATH (the parent's sys.path) makes the parent's erc_verl importable.
 _BOOTSTRAP = (
-    "import sys, types; package = types.ModuleType('erc_verl'); package.__path__ = [sys.argv[4]]; "
-    "sys.modules['erc_verl'] = package; "
-    "from erc_verl.reward.pool import _worker_main; _worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
+    "import sys; from erc_verl.reward.pool import _worker_main; "
+    "_worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))"
 )
 
 

@@ -1,6 +1,6 @@
 """Cluster smoke check: can every node of this Ray cluster run erc-verl?
 
-`python -m erc_verl.smoke [--min-nodes N] [--min-gpus G] [--wait S] [--require-loss NAME ...]`
+`python -m erc_verl.runs.smoke [--min-nodes N] [--min-gpus G] [--wait S] [--require-loss NAME ...]`
 
 Connects to the running cluster (RAY_ADDRESS, which a Ray job sets, else `auto`), waits until N nodes and
 G GPUs have joined, then on every alive node imports verl in a Ray task and checks that verl's policy-loss
@@ -56,7 +56,7 @@ def _wait_for_resources(ray, min_nodes: int, min_gpus: float, wait_s: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m erc_verl.smoke", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m erc_verl.runs.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--min-nodes", type=int, default=1, help="alive nodes to wait for (default 1)")
     parser.add_argument("--min-gpus", type=float, default=0, help="GPUs the cluster must show (default 0)")
     parser.add_argument("--wait", type=float, default=0, help="seconds to wait for nodes/GPUs to join (default 0)")

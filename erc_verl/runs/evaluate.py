@@ -2,8 +2,9 @@
 
     erc-verl eval --model erc_dapo=/ckpt/erc_dapo --model dapo=/ckpt/dapo --recipe erc_dapo_r1_distill_1p5b
 
-Sampling settings (n, temperature, top_p, response length), the benchmarks (the recipe's `data.val_files`) and
-the reward (the recipe's `reward.custom_reward_function`) come from the recipe; flags override them. Generation
+Sampling settings (n, temperature, top_p, response length: the recipe's `erc_verl.eval`, else the paper's in
+`recipes/common/eval.yaml`), the benchmarks (the recipe's `data.val_files`) and the reward (the recipe's
+`reward.custom_reward_function`) come from the recipe; flags override them. Generation
 runs on vLLM where a GPU and vLLM are present, otherwise on the CPU rollout's sampler.
 """
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_K = (1, 8, 32)
+EVAL_FRAGMENT = "eval.yaml"  # the recipes' common/eval.yaml: the evaluation settings' one home
 
 
 def pass_at_k(n: int, correct: int, k: int) -> float:
@@ -78,7 +80,7 @@ def generate_hf(model_path: str, prompts: list[str], n: int, temperature: float,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from erc_verl.cpu.rollout import sample
+    from erc_verl.platform.sampler import sample
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
@@ -193,17 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="hydra overrides applied to the recipe")
     args = parser.parse_args(argv)
 
-    settings = {"n": 32, "temperature": 0.6, "top_p": 0.95, "max_response_length": 32768}
+    from omegaconf import OmegaConf
+
+    from erc_verl.runs.recipes import recipes_dir
+
+    # the paper's protocol (recipes/common/eval.yaml), unless the recipe has its own
+    settings = OmegaConf.to_container(OmegaConf.load(recipes_dir() / "common" / EVAL_FRAGMENT).erc_verl.eval)
     benchmarks, score_fn = {}, None
     if args.recipe:
-        from omegaconf import OmegaConf
         from verl.trainer.ppo.reward import get_custom_reward_fn
 
-        from erc_verl.train import compose
+        from erc_verl.runs.recipes import compose
 
         cfg = compose(args.recipe, args.overrides)
         if OmegaConf.select(cfg, "erc_verl.eval"):
-            settings.update(OmegaConf.to_container(cfg.erc_verl.eval, resolve=True))
+            settings = OmegaConf.to_container(cfg.erc_verl.eval, resolve=True)
         val_files = cfg.data.val_files
         benchmarks = _named([val_files] if isinstance(val_files, str) else list(val_files), "benchmark")
         score_fn = get_custom_reward_fn(cfg)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from erc_verl.cpu.synthetic_math import answer_text, question
+from erc_verl.demo.task import answer_text, question
 
 
 @dataclass(frozen=True)

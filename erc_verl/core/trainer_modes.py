@@ -5,8 +5,8 @@
 - make the actor update compute the current policy's entropy (`actor.calculate_entropy=True`);
 - replace the actor workers' loss function with `worker_loss.entropy_aware_ppo_loss` through verl's
   `set_loss_fn`, once the workers are up and before the first step;
-- with `entropy_coeff == 0`, run the actor workers as `erc_verl.entropy`'s subclass, whose engine computes the
-  current entropy without autograd (ERC only thresholds it).
+- with `entropy_coeff == 0`, run the actor workers as `erc_verl.core.entropy`'s subclass, whose engine computes
+  the current entropy without autograd (ERC only thresholds it).
 The old policy's entropy needs nothing extra: the V1 trainer already stores it next to `old_log_probs`.
 """
 
@@ -18,11 +18,9 @@ from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1 import PPOTrainerColocateAsync, PPOTrainerSeparateAsync, PPOTrainerSync, register_trainer
 from verl.utils.config import omega_conf_to_dataclass
 
-from erc_verl.entropy import actor_worker_without_entropy_grad
-
-# a module reference, read when a trainer starts: this module may be imported while worker_loss is half-way
-# through its own import of verl (see erc_verl/names.py)
-from erc_verl import worker_loss
+from erc_verl.core.config import ERC_BASE_TRAINER_MODES, ERC_PREFIX, check_erc_config
+from erc_verl.core.entropy import actor_worker_without_entropy_grad
+from erc_verl.core.worker_loss import entropy_aware_ppo_loss
 
 
 class ErcTrainerMixin:
@@ -31,8 +29,6 @@ class ErcTrainerMixin:
     base_mode: str
 
     def __init__(self, config):
-        from erc_verl.config import check_erc_config
-
         check_erc_config(config)
         with open_dict(config):
             config.trainer.v1.trainer_mode = self.base_mode
@@ -50,7 +46,7 @@ class ErcTrainerMixin:
 
     def on_init_end(self):
         actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
-        self.actor_rollout_wg.set_loss_fn(partial(worker_loss.entropy_aware_ppo_loss, config=actor_config))
+        self.actor_rollout_wg.set_loss_fn(partial(entropy_aware_ppo_loss, config=actor_config))
         super().on_init_end()
 
 
@@ -58,25 +54,18 @@ def _erc_trainer(base_mode: str, base_cls: type) -> type:
     cls = type(f"Erc{base_cls.__name__}", (ErcTrainerMixin, base_cls), {"base_mode": base_mode})
     cls.__module__ = __name__
     cls.__doc__ = f"verl's `{base_mode}` trainer with both entropies delivered to ERC losses."
-    return register_trainer(f"erc_{base_mode}")(cls)
+    return cls
 
 
-ERC_TRAINER_MODES = {
-    f"erc_{mode}": _erc_trainer(mode, cls)
-    for mode, cls in (
-        ("sync", PPOTrainerSync),
-        ("colocate_async", PPOTrainerColocateAsync),
-        ("separate_async", PPOTrainerSeparateAsync),
-    )
+_BASE_TRAINERS = {
+    "sync": PPOTrainerSync,
+    "colocate_async": PPOTrainerColocateAsync,
+    "separate_async": PPOTrainerSeparateAsync,
 }
+ERC_TRAINERS = {ERC_PREFIX + mode: _erc_trainer(mode, _BASE_TRAINERS[mode]) for mode in ERC_BASE_TRAINER_MODES}
 
 
-def erc_trainer_mode(mode: str) -> str:
-    """The ERC variant of a verl trainer mode (idempotent)."""
-    if mode in ERC_TRAINER_MODES:
-        return mode
-    if f"erc_{mode}" not in ERC_TRAINER_MODES:
-        raise ValueError(
-            f"trainer.v1.trainer_mode={mode!r}: ERC supports {sorted(m[len('erc_'):] for m in ERC_TRAINER_MODES)}"
-        )
-    return f"erc_{mode}"
+def register() -> None:
+    """Add `erc_sync`, `erc_colocate_async` and `erc_separate_async` to verl's trainer registry (the plugin)."""
+    for name, cls in ERC_TRAINERS.items():
+        register_trainer(name)(cls)

@@ -1,6 +1,6 @@
 """`erc_verl.setup` hook of the CPU recipe: build (once) the tiny model, tokenizer, data and warm start.
 
-Everything lands in ``erc_verl.cpu.artifacts`` (an ignored cache directory) next to a ``spec.json`` describing what
+Everything lands in ``erc_verl.demo.artifacts`` (an ignored cache directory) next to a ``spec.json`` describing what
 was built; a later run with the same spec reuses it, a different spec rebuilds it. The directory is built under a
 temporary name and renamed into place, so an interrupted build never leaves a half-made cache.
 """
@@ -15,9 +15,9 @@ from dataclasses import asdict
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from erc_verl.cpu.synthetic_math import TaskSpec, corpus, split, write_parquet
-from erc_verl.cpu.tiny_model import ModelSpec, build_model, build_tokenizer
-from erc_verl.cpu.warm_start import WarmStartSpec, warm_start
+from erc_verl.demo.task import TaskSpec, corpus, split, write_parquet
+from erc_verl.demo.tiny_model import ModelSpec, build_model, build_tokenizer
+from erc_verl.demo.warm_start import WarmStartSpec, warm_start
 
 # Bump when the build itself changes in a way the specs do not capture.
 BUILD_VERSION = 1
@@ -107,6 +107,6 @@ def setup(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.erc_verl.cache_dir = os.path.abspath(cfg.erc_verl.cache_dir)
         cfg.erc_verl.run_dir = os.path.abspath(cfg.erc_verl.run_dir)
-    task, model_spec, ws = specs_from_config(cfg.erc_verl.cpu)
-    ensure_artifacts(cfg.erc_verl.cpu.artifacts, task, model_spec, ws)
+    task, model_spec, ws = specs_from_config(cfg.erc_verl.demo)
+    ensure_artifacts(cfg.erc_verl.demo.artifacts, task, model_spec, ws)
     os.makedirs(cfg.erc_verl.run_dir, exist_ok=True)

@@ -4,7 +4,7 @@
     erc-verl submit --smoke --address http://HEAD:8265 --follow [-- --min-gpus 64]
     erc-verl jobs status|logs|stop|list [<id>] --address http://HEAD:8265
 
-The job runs `python -m erc_verl.train <recipe> [overrides...]` on the head. How the code gets there:
+The job runs `python -m erc_verl train <recipe> [overrides...]` on the head. How the code gets there:
 the repository root is the job's `working_dir` (Ray zips and uploads it, minus checkpoints, data and
 caches), and Ray puts that directory first on the PYTHONPATH of the driver and of every worker, so the
 erc_verl you submit is the one that runs, edits included. Dependencies (verl, torch, vLLM, math-verify)
@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import erc_verl
+from erc_verl.runs import recipes
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1
@@ -38,8 +39,8 @@ EXIT_USAGE = 2
 EXIT_CLUSTER = 3
 EXIT_INTERRUPTED = 130
 
-TRAIN_MODULE = "erc_verl.train"
-SMOKE_MODULE = "erc_verl.smoke"
+TRAIN_MODULE = "erc_verl"  # python -m erc_verl train RECIPE ...
+SMOKE_MODULE = "erc_verl.runs.smoke"
 
 # Never uploaded: Ray caps a working_dir package at a few hundred MiB, and checkpoints, data and
 # environments belong on the cluster's shared storage, not in every job's package.
@@ -226,19 +227,13 @@ def connect(address: str | None, token: str | None = None, token_file: str | Non
 # ------------------------------------------------------------------------------------------ recipe, job spec
 
 
-def list_recipes(working_dir: Path) -> list[str]:
-    return sorted(p.stem for p in (working_dir / "recipes").glob("*.yaml"))
-
-
 def resolve_recipe(recipe: str, working_dir: Path) -> str:
-    """The recipe name train.py takes; accepts `name`, `name.yaml` or `recipes/name.yaml`. Checked here so a
-    typo fails in a second, not after the upload and the cluster's start-up."""
-    name = Path(recipe).name.removesuffix(".yaml")
-    if (working_dir / "recipes" / f"{name}.yaml").is_file() and Path(recipe).parent in (Path("."), Path("recipes")):
-        return name
-    available = list_recipes(working_dir)
-    listing = "\n  ".join(available) if available else "(none)"
-    raise SubmitError(f"no recipe {recipe!r} in {working_dir / 'recipes'}; available recipes:\n  {listing}", EXIT_USAGE)
+    """The recipe name, checked against the checkout's recipes here so that a typo fails in a second, not after
+    the upload and the cluster's start-up."""
+    try:
+        return recipes.resolve(recipe, working_dir / "recipes")
+    except recipes.RecipeError as err:
+        raise SubmitError(str(err), EXIT_USAGE) from None
 
 
 def check_working_dir(working_dir: Path) -> Path:
@@ -390,19 +385,19 @@ def _run(fn, args) -> int:
 
 
 def _submit(args) -> int:
-    working_dir = check_working_dir(Path(args.working_dir) if args.working_dir else erc_verl.REPO_ROOT)
+    working_dir = check_working_dir(Path(args.working_dir) if args.working_dir else recipes.CHECKOUT_DIR)
     metadata = {"erc_verl_version": erc_verl.__version__}
     if args.smoke:
         entrypoint = build_entrypoint(SMOKE_MODULE, args.args)
         metadata["erc_verl_recipe"] = "smoke"
     else:
         if not args.args:
-            available = ", ".join(list_recipes(working_dir)) or "(none)"
+            available = ", ".join(recipes.available(working_dir / "recipes")) or "(none)"
             raise SubmitError(
                 f"which recipe? usage: erc-verl submit <recipe> [overrides...]; available: {available}", EXIT_USAGE
             )
         recipe = resolve_recipe(args.args[0], working_dir)
-        entrypoint = build_entrypoint(TRAIN_MODULE, [recipe, *args.args[1:]])
+        entrypoint = build_entrypoint(TRAIN_MODULE, ["train", recipe, *args.args[1:]])
         metadata["erc_verl_recipe"] = recipe
     commit = _git_commit(working_dir)
     if commit:
@@ -441,7 +436,7 @@ def submit_main(argv: list[str]) -> int:
         "args", nargs="*", metavar="RECIPE [OVERRIDE ...]", help="recipe name under recipes/ and overrides"
     )
     parser.add_argument(
-        "--smoke", action="store_true", help="run `python -m erc_verl.smoke [ARGS]` instead of a recipe"
+        "--smoke", action="store_true", help="run `python -m erc_verl.runs.smoke [ARGS]` instead of a recipe"
     )
     parser.add_argument(
         "--follow", "-f", action="store_true", help="stream logs until the job ends; exit with its status"

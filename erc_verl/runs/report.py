@@ -1,8 +1,4 @@
-"""`erc_verl.report` hook: summarise a run from verl's JSONL metrics and plot it.
-
-verl's file logger (``trainer.logger`` with ``file``) writes one line per logged step: ``{"step": s, "data": {...}}``;
-validation before training is logged at step 0, later validations share the line of their training step.
-"""
+"""`erc_verl.report` hook: summarise a run from its metrics JSONL (`erc_verl.runs.metrics`) and plot it."""
 
 import glob
 import json
@@ -11,22 +7,14 @@ import os
 
 from omegaconf import DictConfig
 
+from erc_verl.runs.metrics import read_steps
+
 REWARD = "critic/score/mean"
 ENTROPY = "actor/entropy"
 ERC_CLIPFRAC = "actor/erc_clipfrac"
 RATIO_MIN, RATIO_MAX, RATIO_MEAN = "actor/entropy_ratio_min", "actor/entropy_ratio_max", "actor/entropy_ratio_mean"
 STEP_TIME = "timing_s/step"
 PROBS_DIFF_MAX = "training/rollout_probs_diff_max"
-
-
-def read_metrics(path: str) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                entry = json.loads(line)
-                rows.append((int(entry["step"]), entry["data"]))
-    return rows
 
 
 def val_accuracy_key(rows: list[tuple[int, dict]]) -> str | None:
@@ -102,7 +90,7 @@ def report(cfg: DictConfig) -> dict:
     """Write ``plot.png`` and ``summary.json`` next to the metrics and print where everything is."""
     metrics_path = os.path.abspath(cfg.erc_verl.metrics_file)
     run_dir = os.path.dirname(metrics_path)
-    rows = read_metrics(metrics_path)
+    rows = read_steps(metrics_path)
     summary = summarize(rows)
     plot_path = os.path.join(run_dir, "plot.png")
     plot(rows, plot_path)

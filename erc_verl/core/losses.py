@@ -1,4 +1,5 @@
 """Where the loss is: GPPO, the entropy-ratio mask, and the ERC variant `erc_<name>` of verl's policy losses.
+(`erc_verl.core.reference` is the same mathematics on one page, in plain torch: the tests' oracle.)
 
 ERC (arXiv 2512.05591) keeps a response token's policy-gradient contribution only while the ratio of the current
 to the old policy's full-vocabulary entropy at that position, rho = (H_cur + 1e-8) / (H_old + 1e-8), stays
@@ -21,13 +22,8 @@ from verl.trainer.ppo.core_algos import (
 )
 from verl.utils import torch_functional as verl_F
 
-from erc_verl.names import (
-    ERC_CONFIG_TARGET,
-    ERC_PREFIX,
-    POLICY_LOSS_KEY,
-    ErcConfigError,
-    erc_base_mode,
-)
+from erc_verl.core import worker_loss
+from erc_verl.core.config import ERC_CONFIG_TARGET, ERC_PREFIX, POLICY_LOSS_KEY, ErcConfigError, erc_base_mode
 
 ENTROPY_EPS = 1e-8
 # verl's own log-ratio clamp (core_algos.compute_policy_loss_vanilla), kept so GPPO matches vanilla's values
@@ -45,6 +41,17 @@ def entropy_ratio_mask(
     unusable: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Per-token keep mask of ERC and its metrics (fractions over the response tokens of this micro-batch).
+
+    Args:
+        entropy: `(bs, response_length)`, the current policy's full-vocabulary entropy at each response token.
+        old_entropy: `(bs, response_length)`, the old (rollout-time) policy's, at the same tokens.
+        response_mask: `(bs, response_length)`, 1 for response tokens; only they count in the metrics.
+        beta_low, beta_high: the band: a token is kept while 1 - beta_low < rho < 1 + beta_high.
+        unusable: optional `(bs, response_length)` bool, tokens to drop whatever their ratio.
+
+    Returns:
+        keep: `(bs, response_length)` bool; metrics: `actor/erc_clipfrac[_low|_high]`, `actor/erc_nonfinite_frac`,
+        `actor/entropy_ratio_{mean,min,max}`, as floats.
 
     A token whose ratio is not finite (NaN/inf entropies), or marked `unusable` (e.g. a non-finite log-prob), is
     dropped and counted in `actor/erc_nonfinite_frac`; it is in neither the low nor the high fraction. Without
@@ -91,7 +98,21 @@ def erc_band(config) -> tuple[float, float]:
 
 
 def make_erc_loss(base_name: str):
-    """ERC around the registered loss `base_name` (looked up at call time, so a re-registered base is honoured)."""
+    """ERC around the registered loss `base_name` (looked up at call time, so a re-registered base is honoured).
+
+    The returned function has verl's policy-loss signature plus two optional tensors:
+
+    Args:
+        old_log_prob, log_prob, advantages, response_mask: `(bs, response_length)`, as for any verl policy loss.
+        loss_agg_mode, config, rollout_is_weights: passed through to the base loss; `config.policy_loss` must
+            carry `erc_beta_low` / `erc_beta_high` (an `ErcPolicyLossConfig`).
+        entropy, old_entropy: `(bs, response_length)`, the current and old policies' entropies. verl's `ppo_loss`
+            passes neither: inside the actor update they come from `worker_loss.delivered_entropies`, the
+            ContextVar that `worker_loss.entropy_aware_ppo_loss` sets around verl's `ppo_loss` for one call.
+
+    Returns:
+        (scalar loss, metrics): the base loss of the gated log-probs and its metrics plus ERC's.
+    """
 
     def compute_policy_loss_erc(
         old_log_prob: torch.Tensor,
@@ -105,8 +126,6 @@ def make_erc_loss(base_name: str):
         old_entropy: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         if entropy is None or old_entropy is None:
-            from erc_verl import worker_loss
-
             entropy, old_entropy = worker_loss.delivered_entropies(entropy, old_entropy)
         beta_low, beta_high = erc_band(config)
         # a token with a non-finite input is dropped, and neutralised (A = 0, r = 1: loss 0) so no NaN reaches
@@ -137,7 +156,6 @@ def make_erc_loss(base_name: str):
     return compute_policy_loss_erc
 
 
-@register_policy_loss("gppo")
 def compute_policy_loss_gppo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -192,7 +210,8 @@ def compute_policy_loss_gppo(
 def register_erc_variants() -> list[str]:
     """Register `erc_dapo` and `erc_<name>` for every base loss registered so far; returns the new names.
 
-    Call again after registering a loss of your own to get its ERC variant.
+    The plugin calls it once (`register`); call it again after registering a loss of your own to get its ERC
+    variant.
     """
     added = []
     for base in [name for name in POLICY_LOSS_REGISTRY if not name.startswith(ERC_PREFIX)]:
@@ -208,4 +227,8 @@ def register_erc_variants() -> list[str]:
     return added
 
 
-register_erc_variants()
+def register() -> None:
+    """Add `gppo` and the ERC variants to verl's policy-loss registry (the plugin calls this in every process)."""
+    if "gppo" not in POLICY_LOSS_REGISTRY:
+        register_policy_loss("gppo")(compute_policy_loss_gppo)
+    register_erc_variants()

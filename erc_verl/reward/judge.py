@@ -1,0 +1,242 @@
+"""Judging one response against its ground truths with math-verify: the verdict of the paper's reward.
+
+`erc_verl.reward.math_verify_score` runs this in worker processes with hard deadlines and is what verl calls.
+
+Scoring (KlearReasoner / ERC official code, data_source `math_longcot_math_verify`):
+  - long-CoT mode: no `</think>` in the response scores `no_think_end_score` (-0.5): truncated or unfinished
+    reasoning; otherwise only the text after the last `</think>` is judged;
+  - math-verify extracts the answer (`parse`); its extracted string equal to a ground truth is correct at once,
+    else `verify` against `parse("\\boxed{<ground truth>}")` decides: +1 / -1. An answer math-verify extracts
+    but cannot parse (it fails on `\\boxed{540.}`) gets one more parse as inline math (`$540.$`).
+
+Every call returns {"score": float, "acc": bool, "pred": str, "reason": str}, always these four keys (verl
+stacks each key across the batch from the first item's keys). `reason` is "" for a normal verdict, else one of
+REASONS, so failure kinds can be counted in metrics.
+
+Robustness: math-verify's own timeouts use SIGALRM and only work in a main thread. The judging here sits behind
+cheap structural limits (guards.py) and soft deadlines (an interval timer in the worker's main thread: no process
+restart); the pool (pool.py, driven by math_verify_score.py) adds a hard per-item deadline, so any input
+whatsoever yields a result within the deadline and nothing raises.
+"""
+
+import dataclasses
+import logging
+import signal
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+
+from math_verify import parse, verify
+
+from erc_verl.reward.guards import (
+    has_digit_run,
+    largest_number_digits,
+    last_boxed,
+    nesting_depth,
+    numeric_tower_digits,
+)
+
+logger = logging.getLogger(__name__)
+
+THINK_END = "</think>"
+PRED_MAX_CHARS = 256  # `pred` is a metric/debug field stacked over the batch: no need for a whole 1 MB answer
+
+REASONS = {
+    "no_think_end": "long-CoT mode and no </think>: truncated or unfinished reasoning",
+    "no_answer": "math-verify found no answer in the text",
+    "parse_error": "math-verify found an answer but could not parse it",
+    "no_ground_truth": "the ground truth is empty or unusable",
+    "too_long": "answer text longer than max_answer_chars",
+    "too_deep": "brackets nested deeper than max_nesting_depth",
+    "too_many_digits": "a run of more than max_digits digits",
+    "huge_number": "a number with more than max_number_digits digits once evaluated (e.g. 10^{10^{10}})",
+    "timeout": "ran past a soft or the hard deadline",
+    "worker_crash": "the worker process died (crash, memory limit)",
+    "error": "unexpected error while scoring",
+}
+
+# verl's reward managers pass these to every reward function when a reward-model router is configured.
+_VERL_KWARGS = frozenset({"reward_router_address", "reward_model_tokenizer"})
+
+
+@dataclasses.dataclass(frozen=True)
+class MathRewardConfig:
+    """Everything configurable, set through `reward.custom_reward_function.reward_kwargs`.
+
+    A limit or timeout of None disables it: with all of them None, judging is exactly the plain math-verify
+    pipeline (the benchmark's reference).
+    """
+
+    correct_score: float = 1.0
+    incorrect_score: float = -1.0  # also the score of every failure reason except no_think_end
+    no_think_end_score: float = -0.5
+    long_cot: bool = True
+    # Structural limits, checked before math-verify (guards.py); none comes near a real answer.
+    max_answer_chars: int | None = 100_000  # math-verify parses 100k chars of real text in ~40 ms
+    max_nesting_depth: int | None = 20  # brackets of any kind; real answers stay under 10
+    max_digits: int | None = 4300  # Python's int<->str digit limit: math-verify cannot use longer literals
+    max_number_digits: float | None = 100_000
+    # Soft deadlines (worker main thread, interval timer, no process restart). Real answers take < 0.1 s of CPU.
+    parse_timeout_s: float | None = 2.0
+    verify_timeout_s: float | None = 5.0
+    # Hard deadline per item (process killed and replaced); None: the soft deadlines (math-verify's 5 s each
+    # where disabled) + 2 s.
+    hard_timeout_s: float | None = None
+    # Worker processes per reward-loop worker (verl starts reward.num_workers of those).
+    num_processes: int = 2
+    memory_limit_mb: int | None = 4096
+
+    @property
+    def hard_deadline_s(self) -> float:
+        if self.hard_timeout_s is not None:
+            return self.hard_timeout_s
+        return (self.parse_timeout_s or 5.0) + (self.verify_timeout_s or 5.0) + 2.0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "MathRewardConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(kwargs) - fields - _VERL_KWARGS
+        if unknown:
+            raise TypeError(f"unknown math reward option(s) {sorted(unknown)}; known: {sorted(fields)}")
+        return cls(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def _result(score: float, acc: bool = False, pred: str = "", reason: str = "") -> dict:
+    return {"score": float(score), "acc": bool(acc), "pred": pred[:PRED_MAX_CHARS], "reason": reason}
+
+
+def failure(cfg: MathRewardConfig, reason: str, pred: str = "") -> dict:
+    return _result(cfg.incorrect_score, pred=pred, reason=reason)
+
+
+def _as_text(value) -> str:
+    """Any input as text: bytes decode leniently, None is empty, objects whose str() fails are empty."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", errors="replace")
+    if value is None:
+        return ""
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not take the batch down
+        return ""
+
+
+def ground_truths(ground_truth) -> tuple[str, ...]:
+    """A ground truth (str, number, or a list of acceptable answers) as a tuple of non-empty strings."""
+    items = ground_truth.tolist() if hasattr(ground_truth, "tolist") else ground_truth
+    items = items if isinstance(items, (list, tuple)) else [items]
+    return tuple(text for text in (_as_text(item).strip() for item in items) if text)
+
+
+def prepare(solution_str, ground_truth, cfg: MathRewardConfig) -> dict | tuple[str, tuple[str, ...]]:
+    """The checks that need no math: a final result, or (answer text, ground truths) still to judge."""
+    text = _as_text(solution_str)
+    if cfg.long_cot:
+        _, sep, text = text.rpartition(THINK_END)
+        if not sep:
+            return _result(cfg.no_think_end_score, reason="no_think_end")
+    golds = ground_truths(ground_truth)
+    if not golds:
+        return failure(cfg, "no_ground_truth")
+    if cfg.max_answer_chars is not None and len(text) > cfg.max_answer_chars:
+        return failure(cfg, "too_long")
+    return text, golds
+
+
+class _Deadline(BaseException):
+    """Raised by the soft-deadline timer. A BaseException: math-verify and sympy catch Exception (and
+    math-verify its own TimeoutException) and would turn it into a silent 'incorrect'."""
+
+
+@contextmanager
+def _soft_deadline(seconds: float | None):
+    """Interrupt the block after `seconds` (SIGALRM interval timer). Only possible in a main thread; elsewhere
+    the block runs unbounded and the pool's hard deadline is what bounds it."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    armed = True
+
+    def expire(signum, frame):
+        if armed:  # the timer may fire between the block's end and its cancellation below
+            raise _Deadline
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _parse_answer(text: str) -> list:
+    parsed = parse(text, parsing_timeout=None)
+    if len(parsed) == 1 and isinstance(parsed[0], str):
+        # Extracted but not parsed. math-verify 0.9.0 fails on `\boxed{540.}` yet parses `$540.$`: give the
+        # extracted text one more try as inline math.
+        retry = parse(f"${parsed[0]}$", parsing_timeout=None)
+        if len(retry) >= 2:
+            return retry
+    return parsed
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> list:
+    """Ground truths repeat across a group's samples: parse each once per process."""
+    return parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
+
+
+def judge(answer: str, golds: tuple[str, ...], cfg: MathRewardConfig) -> dict:
+    """Judge an answer text (after `prepare`) against the ground truths with math-verify."""
+    if cfg.max_nesting_depth is not None and nesting_depth(answer) > cfg.max_nesting_depth:
+        return failure(cfg, "too_deep")
+    if cfg.max_digits is not None and has_digit_run(answer, cfg.max_digits):
+        return failure(cfg, "too_many_digits")
+    boxed = last_boxed(answer)  # the answer, in practice; the parsed answer is checked again after parsing
+    if cfg.max_number_digits is not None and boxed and numeric_tower_digits(boxed) > cfg.max_number_digits:
+        return failure(cfg, "huge_number", pred=boxed)
+    with _soft_deadline(cfg.parse_timeout_s):
+        parsed = _parse_answer(answer)
+    if not parsed:
+        return failure(cfg, "no_answer")
+    if len(parsed) < 2:
+        return failure(cfg, "parse_error", pred=_as_text(parsed[0]))
+    pred = _as_text(parsed[1])
+    if pred in golds:  # the official quick string match
+        return _result(cfg.correct_score, acc=True, pred=pred)
+    if cfg.max_number_digits is not None and largest_number_digits(parsed[0]) > cfg.max_number_digits:
+        return failure(cfg, "huge_number", pred=pred)
+    with _soft_deadline(cfg.verify_timeout_s):
+        for gold in golds:
+            gold_parsed = _parse_gold(gold)
+            if cfg.max_number_digits is not None and any(
+                largest_number_digits(g) > cfg.max_number_digits for g in gold_parsed
+            ):
+                continue
+            if verify(gold_parsed, parsed, timeout_seconds=None):
+                return _result(cfg.correct_score, acc=True, pred=pred)
+    return _result(cfg.incorrect_score, pred=pred)
+
+
+def judge_safely(payload: tuple[str, tuple[str, ...], MathRewardConfig]) -> dict:
+    """`judge` that turns every failure into a result: the function the worker processes run."""
+    answer, golds, cfg = payload
+    try:
+        return judge(answer, golds, cfg)
+    except _Deadline:
+        return failure(cfg, "timeout")
+    except Exception:  # noqa: BLE001 - one bad answer (RecursionError, MemoryError...) must not fail the batch
+        logger.debug("scoring failed", exc_info=True)
+        return failure(cfg, "error")
+
+
+def score_in_process(solution_str, ground_truth, cfg: MathRewardConfig | None = None) -> dict:
+    """Score without the process pool: soft deadlines only, and only in a main thread. For trusted callers
+    (tests, offline analysis); training goes through `compute_score`."""
+    cfg = cfg or MathRewardConfig()
+    ready = prepare(solution_str, ground_truth, cfg)
+    return ready if isinstance(ready, dict) else judge_safely((*ready, cfg))
