@@ -10,6 +10,7 @@ e.g. to build a local model and data) and `report` (called after it, e.g. to plo
 `erc_verl.metrics_file`, the run's metrics JSONL, kept whole across kills and resumes (`erc_verl.runs.metrics`).
 """
 
+import contextlib
 import importlib
 import os
 import sys
@@ -67,7 +68,7 @@ def run(cfg) -> None:
     from verl.utils.device import auto_set_device
 
     from erc_verl.core.config import ErcConfigError, enable_erc
-    from erc_verl.runs import metrics
+    from erc_verl.runs import console, metrics
     from erc_verl.runs.preflight import PreflightError, check_data_files, check_rollout_backend
 
     try:
@@ -80,16 +81,22 @@ def run(cfg) -> None:
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     metrics_file = OmegaConf.select(cfg, "erc_verl.metrics_file")
+    progress = contextlib.nullcontext()
     if metrics_file:
         # verl's file logger writes this attempt's rows; erc_verl.runs.metrics keeps the run's file whole
         os.environ["VERL_FILE_LOGGER_PATH"] = metrics.start(cfg, metrics_file)
+        # verl's tensorboard logger (trainer.logger=[...,tensorboard]) writes next to the metrics file
+        run_dir = os.path.dirname(os.path.abspath(metrics_file))
+        os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
+        progress = console.follow(cfg, os.environ["VERL_FILE_LOGGER_PATH"])
     try:
-        if cfg.trainer.use_v1:
-            run_ppo(cfg, task_runner_class=TaskRunnerV1)
-        else:
-            from verl.trainer.main_ppo_v0 import TaskRunner
+        with progress:
+            if cfg.trainer.use_v1:
+                run_ppo(cfg, task_runner_class=TaskRunnerV1)
+            else:
+                from verl.trainer.main_ppo_v0 import TaskRunner
 
-            run_ppo(cfg, task_runner_class=TaskRunner)
+                run_ppo(cfg, task_runner_class=TaskRunner)
     finally:
         if metrics_file:
             metrics.fold(metrics_file)
