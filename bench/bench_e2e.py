@@ -8,6 +8,8 @@ workers, all descendants of the `erc-verl train` process - read every --poll sec
 largest single process (the actor/rollout worker that trains), `tree_peak` the sampled peak of the summed RSS.
 
     .venv/bin/python bench/bench_e2e.py [--quick] [--runs 2] [--steps 6] [-- extra hydra overrides]
+    .venv/bin/python bench/bench_e2e.py --recipe cpu_paper_erc_dapo   # the paper recipes' code path (2 ranks, SP 2,
+                                                                      # bf16, remove padding, dynamic batch size)
 """
 
 import subprocess
@@ -89,7 +91,7 @@ def one_run(mode: str, index: int, args, work: Path) -> dict:
         "trainer.val_before_train=False",
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
-        "erc_verl.report=null",
+        "++erc_verl.report=null",  # (recipes without a report hook too)
         *args.overrides,
     ]
     log = (work / f"{name}.log").open("w")
