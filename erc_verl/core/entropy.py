@@ -88,8 +88,10 @@ class _EntropyBesideLogProbs:
         def flag(key):
             return tu.get_non_tensor_data(data=micro_batch, key=key, default=False)
 
-        if not flag("calculate_entropy") or not tu.get_non_tensor_data(micro_batch, "use_remove_padding", True) \
-                or flag("use_fused_kernels") or flag("distillation_use_topk") or isinstance(output.logits, DTensor):
+        packed_logits = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True) and not (
+            flag("use_fused_kernels") or flag("distillation_use_topk") or isinstance(output.logits, DTensor)
+        )
+        if not (flag("calculate_entropy") and packed_logits):  # verl's own branches
             return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         temperature = None if output_args.get("temperature_is_one") else output_args["temperature_rmpad"]
         entropy = self.compute_entropy_from_logits(output.logits.squeeze(0), temperature=temperature)
