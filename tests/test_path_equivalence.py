@@ -89,7 +89,7 @@ def _run_path(overrides: list[str], ray_tmp: str) -> dict:
     from verl.utils.config import omega_conf_to_dataclass
     from verl.utils.py_functional import rename_dict
     from verl.workers.engine_workers import ActorRolloutRefWorker
-    from verl.workers.utils.padding import response_from_nested
+    from verl.workers.utils.padding import no_padding_2_padding
 
     import ray
     from erc_verl.core.entropy import actor_worker_without_entropy_grad
@@ -125,8 +125,8 @@ def _run_path(overrides: list[str], ray_tmp: str) -> dict:
         tu.assign_non_tensor(old, calculate_entropy=True, compute_loss=False, temperature=1.0)
         out = group.compute_log_prob(old)
         batch = data.clone()
-        batch["old_log_probs"] = response_from_nested(out["log_probs"], response_mask)
-        batch["entropy"] = response_from_nested(out["entropy"], response_mask) * old_entropy_scale
+        batch["old_log_probs"] = no_padding_2_padding(out["log_probs"], data)
+        batch["entropy"] = no_padding_2_padding(out["entropy"], data) * old_entropy_scale
         tu.assign_non_tensor(batch, calculate_entropy=True, global_batch_size=BATCH, mini_batch_size=BATCH, epochs=1,
                              seed=0, dataloader_kwargs={"shuffle": False}, temperature=1.0)
         metrics = reduce_metrics(rename_dict(tu.get(group.update_actor(batch), "metrics"), "actor/"))  # as the trainer
@@ -181,12 +181,15 @@ def test_erc_drops_the_scaled_tokens_on_every_path(paths):
 @pytest.mark.parametrize("path", [p for p in PATHS if not p.startswith("a_")])
 def test_paths_agree_with_the_padded_single_rank_one(paths, path, update):
     reference, other = paths["a_padded_fp32_1rank"][update], paths[path][update]
-    torch.testing.assert_close(other["old_log_probs"], reference["old_log_probs"], atol=2e-5, rtol=0)
-    for key in METRICS:
-        assert other["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-4, abs=1e-6), key
+    log_prob_error = (other["old_log_probs"] - reference["old_log_probs"]).abs().max().item()
+    metric_errors = {key: abs(other["metrics"][key] - reference["metrics"][key]) / max(abs(reference["metrics"][key]), 1e-6)
+                     for key in METRICS}
     scale = max(g.abs().max().item() for g in reference["grads"].values())
+    grad_error = max((other["grads"][name] - grad).abs().max().item() for name, grad in reference["grads"].items())
+    print(f"{path} {update}: |d old log-prob| {log_prob_error:.1e}, metrics rel {max(metric_errors.values()):.1e}, "
+          f"|d grad| / max|grad| {grad_error / scale:.1e}")  # the measured tolerances (pytest -s)
+    assert log_prob_error <= 2e-5
+    assert all(error <= 1e-4 for error in metric_errors.values()), metric_errors
     assert scale > 1e-4  # the update moved the weights
-    for name, grad in reference["grads"].items():
-        error = (other["grads"][name] - grad).abs().max().item()
-        assert error <= 1e-4 * scale, (name, error, scale)
+    assert grad_error <= 1e-4 * scale, (grad_error, scale)
     assert np.isfinite([other["metrics"][k] for k in METRICS]).all()
