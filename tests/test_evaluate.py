@@ -208,8 +208,8 @@ def test_vllm_gets_training_token_ids_and_one_engine_per_model(tiny_model, r1_st
 
     # one engine per model, loaded once for both benchmarks and shut down before the next model loads
     assert [event[:2] for event in stand_in_vllm] == [
-        ("load", models["tiny"]), ("generate", models["tiny"]), ("generate", models["tiny"]), ("shutdown", models["tiny"]),
-        ("load", models["r1"]), ("generate", models["r1"]), ("generate", models["r1"]), ("shutdown", models["r1"]),
+        *[(event, models["tiny"]) for event in ("load", "generate", "generate", "shutdown")],
+        *[(event, models["r1"]) for event in ("load", "generate", "generate", "shutdown")],
     ]
     sent = {(event[1], bench): event[2] for event, bench in zip(
         [e for e in stand_in_vllm if e[0] == "generate"], ["aime2024", "aime2025"] * 2)}

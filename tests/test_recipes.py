@@ -167,7 +167,7 @@ def test_paper_yaml_sets_only_known_keys():
         if key.startswith(("defaults", "erc_verl.")) or key in ours:
             continue
         parent, _, name = key.rpartition(".")
-        assert name in OmegaConf.select(verl, parent).keys(), key  # a verl key (some are '???' until a recipe sets them)
+        assert name in OmegaConf.select(verl, parent).keys(), key  # some are '???' until a recipe sets them
 
 
 def test_official_sampling_and_nll_fail_at_start_up_naming_the_key():

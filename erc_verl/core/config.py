@@ -146,14 +146,18 @@ def check_erc_config(cfg: DictConfig) -> None:
     """Start-up checks of erc-verl's options in a verl config; a no-op for a config that uses none of them."""
     loss_mode = _select(cfg, f"{POLICY_LOSS_KEY}.loss_mode", "vanilla")
     target = _select(cfg, f"{POLICY_LOSS_KEY}._target_")
-    uses_erc_keys = any(_select(cfg, f"{POLICY_LOSS_KEY}.{key}") is not None for key in ERC_POLICY_LOSS_KEYS)
+    erc_keys = [key for key in ERC_POLICY_LOSS_KEYS if _select(cfg, f"{POLICY_LOSS_KEY}.{key}") is not None]
+    uses_erc_keys = bool(erc_keys)
     if (is_erc_mode(loss_mode) or uses_erc_keys) and not _is_erc_config_target(target):
+        needs = f"loss_mode={loss_mode} needs" if is_erc_mode(loss_mode) else f"{', '.join(erc_keys)} need"
         raise ErcConfigError(
-            f"{POLICY_LOSS_KEY}._target_={target!r}: {'loss_mode=' + loss_mode if is_erc_mode(loss_mode) else 'its'}"
-            f" keys ({', '.join(ERC_POLICY_LOSS_KEYS)}) need {ERC_CONFIG_TARGET}"
+            f"{POLICY_LOSS_KEY}._target_={target!r}: {needs} {ERC_CONFIG_TARGET} (it carries "
+            f"{', '.join(ERC_POLICY_LOSS_KEYS)})"
         )
     if is_erc_mode(loss_mode):
-        check_erc_band(_select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_low"), _select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_high"))
+        check_erc_band(
+            _select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_low"), _select(cfg, f"{POLICY_LOSS_KEY}.erc_beta_high")
+        )
     if uses_erc_keys:
         check_positive_nll(
             _select(cfg, f"{POLICY_LOSS_KEY}.positive_nll_coeff", 0.0),

@@ -55,7 +55,8 @@ class ErcTrainerMixin:
         entropy_without_grad = is_erc_mode(actor.policy_loss.get("loss_mode", "vanilla")) and actor.entropy_coeff == 0
         positive_reward = None
         if positive_nll_coeff(self.config):
-            positive_reward = float(OmegaConf.select(self.config, f"{POLICY_LOSS_KEY}.positive_nll_reward", default=1.0))
+            reward_key = f"{POLICY_LOSS_KEY}.positive_nll_reward"
+            positive_reward = float(OmegaConf.select(self.config, reward_key, default=1.0))
         if not entropy_without_grad and positive_reward is None:
             return
         for role in (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef):

@@ -17,8 +17,9 @@ REASONS, so failure kinds can be counted in metrics.
 
 Robustness: math-verify's own timeouts use SIGALRM and only work in a main thread. The judging here sits behind
 cheap structural limits (guards.py; the official rules keep only the one after parsing) and soft deadlines (an
-interval timer in the worker's main thread: no process restart); the pool (pool.py, driven by math_verify_score.py) adds a hard per-item deadline, so any input
-whatsoever yields a result within the deadline and nothing raises.
+interval timer in the worker's main thread: no process restart); the pool (pool.py, driven by
+math_verify_score.py) adds a hard per-item deadline, so any input whatsoever yields a result within the deadline
+and nothing raises.
 """
 
 import dataclasses
