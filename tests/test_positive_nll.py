@@ -175,3 +175,22 @@ def test_off_by_default_and_without_counts_it_refuses():
     assert loss.item() == ppo_loss(stock, *_micro_batch([0, 1, 2, 3], full)[:2])[0].item()
     with pytest.raises(MissingPositiveCountError, match="erc-verl train"):
         extended_ppo_loss(actor_config(*NLL_OVERRIDES), *_micro_batch([0, 1, 2, 3], full)[:2])
+
+
+def test_setting_the_coefficient_is_all_it_takes():
+    from erc_verl.core.config import ErcConfigError, check_erc_config, enable_erc
+    from tests.verl_config import verl_config
+
+    cfg = enable_erc(verl_config("+actor_rollout_ref.actor.policy_loss.positive_nll_coeff=0.1"))
+    assert cfg.actor_rollout_ref.actor.policy_loss._target_ == "erc_verl.core.config.ErcPolicyLossConfig"
+    assert cfg.trainer.v1.trainer_mode == "erc_sync"  # installs the loss and counts the positive tokens
+    assert cfg.actor_rollout_ref.actor.calculate_entropy is False  # no ERC: no entropy needed
+    cfg.actor_rollout_ref.actor.policy_loss._target_ = "verl.workers.config.PolicyLossConfig"
+    with pytest.raises(ErcConfigError, match="positive_nll_coeff need erc_verl.core.config.ErcPolicyLossConfig"):
+        check_erc_config(cfg)
+    with pytest.raises(ErcConfigError, match="positive_nll_coeff=nan: must be a finite number >= 0"):
+        enable_erc(verl_config("+actor_rollout_ref.actor.policy_loss.positive_nll_coeff=nan"))
+    stock_mode = verl_config("+actor_rollout_ref.actor.policy_loss.positive_nll_coeff=0.1",
+                             "actor_rollout_ref.actor.policy_loss._target_=erc_verl.core.config.ErcPolicyLossConfig")
+    with pytest.raises(ErcConfigError, match="trainer.v1.trainer_mode='sync': positive_nll_coeff=0.1 needs one of"):
+        check_erc_config(stock_mode)
