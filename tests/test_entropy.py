@@ -74,6 +74,38 @@ def test_compiled_path_values():
     assert got.grad_fn is None
 
 
+def _peaked_and_flat_logits(tokens=192, vocab=32768, seed=3) -> torch.Tensor:
+    """Half the rows sharply peaked (one logit 16-32 nats above N(0, 1) noise: low entropy, where ERC drops most
+    tokens), half flat (N(0, 1): entropy near log V)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, vocab, generator=g)
+    peaked = logits[: tokens // 2]
+    heights = torch.tensor([16.0, 20.0, 24.0, 28.0, 32.0]).repeat(tokens)[: tokens // 2]
+    peaked[torch.arange(tokens // 2), torch.randint(vocab, (tokens // 2,), generator=g)] += heights
+    return logits
+
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("autocast", sorted(AUTOCAST))
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32_logits", "bf16_logits"])
+def test_exact_under_verls_autocast(compile, autocast, logits_dtype):
+    """verl calls the engine's entropy function inside its bf16 autocast region: the result must stay within 1e-3
+    nats of float64 on the same logits (a 0.05 band on the ratio needs far better than 0.05 * H)."""
+    logits = _peaked_and_flat_logits().to(logits_dtype)
+    reference = -(torch.log_softmax(logits.double(), -1).exp() * torch.log_softmax(logits.double(), -1)).sum(-1)
+    dtype = AUTOCAST[autocast]
+    context = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with context:
+        got = entropy_without_grad(logits, chunk_size=64, compile=compile)
+    assert got.dtype == torch.float32
+    error = (got.double() - reference).abs().max().item()
+    assert error <= 1e-3, f"max abs error {error:.2e} nats"
+    assert reference[: len(reference) // 2].max() < 1.0 < reference[len(reference) // 2 :].min()  # both kinds
+
+
 class _EngineConfig:
     entropy_from_logits_chunk_size = 3
     use_torch_compile = False
@@ -97,3 +129,68 @@ def test_install_uses_the_engines_chunk_size(monkeypatch):
     engine.compute_entropy_from_logits(torch.zeros(7, 4), chunk_size=3)
     assert seen == [3, 3, 1] * 2
     assert not install_entropy_without_grad(object())  # engines without an entropy function are left alone
+
+
+def _packed_micro_batch(lengths=(5, 3), vocab=11, seed=4):
+    """A remove-padding micro-batch as verl's FSDP engine sees it, and the model output for it."""
+    from types import SimpleNamespace
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(vocab, (n,), generator=g) for n in lengths]
+    input_ids = torch.nested.nested_tensor(ids, layout=torch.jagged)
+    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=[len(lengths)])
+    tu.assign_non_tensor(micro_batch, use_remove_padding=True, calculate_entropy=True)
+    total = sum(lengths)
+    logits = (3 * torch.randn(1, total, vocab, generator=g)).requires_grad_(True)
+    output_args = {
+        "input_ids_rmpad_rolled": torch.roll(input_ids.values(), -1),
+        "temperature_rmpad": torch.full((total,), 0.7),
+        "temperature_is_one": False,
+        "pad_size": 0,
+    }
+    return micro_batch, SimpleNamespace(logits=logits), output_args
+
+
+def test_erc_engine_keeps_verls_in_place_log_prob_backward(monkeypatch):
+    """verl computes log-probs with flash-attn's in-place cross-entropy backward unless `calculate_entropy` is
+    set; the ERC engine adds its graph-free entropy beside them, so the flag stays True on the ERC path."""
+    from functools import partial
+
+    from verl.utils import tensordict_utils as tu
+    from verl.utils import torch_functional as verl_F
+    from verl.workers.engine.fsdp import transformer_impl
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    seen = []
+    real = transformer_impl.logprobs_from_logits
+    monkeypatch.setattr(transformer_impl, "logprobs_from_logits",
+                        lambda logits, labels, inplace_backward=True: seen.append(inplace_backward) or real(logits, labels))
+
+    def engine(cls, entropy_fn):
+        engine = object.__new__(cls)  # the attributes prepare_model_outputs reads, without a model or a process group
+        engine.engine_config = type("Config", (), {"entropy_checkpointing": False,
+                                                   "entropy_from_logits_with_chunking": False})()
+        engine.use_ulysses_sp = False
+        engine.compute_entropy_from_logits = entropy_fn
+        return engine
+
+    stock = engine(FSDPEngineWithLMHead, verl_F.entropy_from_logits)
+    erc = engine(FSDPEngineWithLMHead, None)
+    erc.engine_config.entropy_from_logits_chunk_size, erc.engine_config.use_torch_compile = 3, False
+    assert install_entropy_without_grad(erc) and type(erc).__mro__[1].__name__ == "_EntropyBesideLogProbs"
+
+    outputs = {}
+    for name, eng in (("stock", stock), ("erc", erc)):
+        micro_batch, output, output_args = _packed_micro_batch()
+        outputs[name] = eng.prepare_model_outputs(output, output_args, micro_batch, None)
+        assert tu.get_non_tensor_data(micro_batch, "calculate_entropy", None) is True  # restored for the loss
+    assert seen == [False, True]  # verl's own path turns the in-place backward off; the ERC engine keeps it on
+
+    stock_out, erc_out = outputs["stock"], outputs["erc"]
+    torch.testing.assert_close(erc_out["log_probs"].values(), stock_out["log_probs"].values())
+    torch.testing.assert_close(erc_out["entropy"].values(), stock_out["entropy"].values().detach(), atol=1e-5, rtol=0)
+    assert erc_out["entropy"].offsets().tolist() == stock_out["entropy"].offsets().tolist() == [0, 5, 8]
+    assert erc_out["log_probs"].values().requires_grad and not erc_out["entropy"].values().requires_grad

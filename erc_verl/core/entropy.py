@@ -13,8 +13,11 @@ and torchtitan engines) `install_entropy_without_grad` replaces.
 """
 
 from functools import lru_cache, partial
+from typing import Optional
 
 import torch
+from torch.distributed.tensor import DTensor
+from verl.utils import tensordict_utils as tu
 
 
 def _chunk_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -37,14 +40,17 @@ def _compiled_chunk_entropy():
     return torch.compile(_chunk_entropy, dynamic=True)
 
 
-def entropy_without_grad(logits: torch.Tensor, chunk_size: int = 2048, compile: bool = False) -> torch.Tensor:
-    """Entropy of softmax(logits) over the last dim, float32, without an autograd graph.
+def entropy_without_grad(
+    logits: torch.Tensor, chunk_size: int = 2048, compile: bool = False, temperature: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) over the last dim, float32, without an autograd graph.
 
     Args:
         logits: `(..., vocab_size)`, any float dtype (verl passes `(total_nnz, vocab_size)` on the remove-padding
             path, temperature already applied).
         chunk_size: tokens per chunk; each chunk costs one or two `(chunk_size, vocab_size)` float32 temporaries.
         compile: run each chunk through `torch.compile` (the engine's `use_torch_compile`).
+        temperature: optional `logits.shape[:-1]`, applied chunk by chunk (no scaled copy of all the logits).
 
     Returns:
         `logits.shape[:-1]`, float32. Computed in float32 with autocast off: verl calls it inside its bf16
@@ -57,19 +63,63 @@ def entropy_without_grad(logits: torch.Tensor, chunk_size: int = 2048, compile: 
     chunk_entropy = _compiled_chunk_entropy() if compile else _chunk_entropy
     with torch.no_grad(), torch.autocast(device_type=logits.device.type, enabled=False):
         flat = logits.reshape(-1, logits.shape[-1])
+        per_token = None if temperature is None else temperature.reshape(-1, 1).float()
         entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, flat.shape[0], chunk_size):
-            entropy[start : start + chunk_size] = chunk_entropy(flat[start : start + chunk_size])
+            chunk = flat[start : start + chunk_size]
+            if per_token is not None:
+                chunk = chunk.float() / per_token[start : start + chunk_size].clamp(min=1e-8)
+            entropy[start : start + chunk_size] = chunk_entropy(chunk)
     return entropy.view(logits.shape[:-1])
+
+
+class _EntropyBesideLogProbs:
+    """Mixed in front of verl's FSDP LM engine: on the remove-padding path, the entropy comes from the same logits
+    as the log-probs but outside verl's `calculate_entropy` branch.
+
+    verl 0.9.1 (workers/engine/fsdp/transformer_impl.py, `prepare_model_outputs`) turns off flash-attn's in-place
+    cross-entropy backward whenever `calculate_entropy` is set, because its own entropy keeps an autograd graph on
+    the logits. This one keeps none, so verl is asked for log-probs alone (its in-place backward stays on, saving a
+    `(tokens, vocab)` gradient buffer on GPU) and the entropy is added to its outputs, laid out as verl lays it out.
+    """
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        def flag(key):
+            return tu.get_non_tensor_data(data=micro_batch, key=key, default=False)
+
+        if not flag("calculate_entropy") or not tu.get_non_tensor_data(micro_batch, "use_remove_padding", True) \
+                or flag("use_fused_kernels") or flag("distillation_use_topk") or isinstance(output.logits, DTensor):
+            return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        temperature = None if output_args.get("temperature_is_one") else output_args["temperature_rmpad"]
+        entropy = self.compute_entropy_from_logits(output.logits.squeeze(0), temperature=temperature)
+        tu.assign_non_tensor(micro_batch, calculate_entropy=False)
+        try:
+            model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        finally:
+            tu.assign_non_tensor(micro_batch, calculate_entropy=True)
+        entropy = self._gather_and_unpad_packed(entropy, output_args["pad_size"])
+        model_output["entropy"] = torch.nested.nested_tensor_from_jagged(entropy, micro_batch["input_ids"].offsets())
+        return model_output
+
+
+@lru_cache(maxsize=None)
+def _engine_with_entropy_beside_log_probs(base: type) -> type:
+    return type(f"Erc{base.__name__}", (_EntropyBesideLogProbs, base), {"__module__": __name__})
 
 
 def install_entropy_without_grad(engine) -> bool:
     """Make `engine` compute entropies with `entropy_without_grad`; False if it has no entropy function to swap.
 
-    verl's chunked branch passes its `chunk_size`, its checkpointed branch none: the engine's holds on both.
+    verl's chunked branch passes its `chunk_size`, its checkpointed branch none: the engine's holds on both. verl's
+    FSDP LM engine also gets `_EntropyBesideLogProbs` (its class is swapped for a subclass: the engine is built
+    inside verl's TrainingWorker, which offers no hook to choose the class).
     """
     if not hasattr(engine, "compute_entropy_from_logits"):
         return False
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # in the worker, where it is loaded
+
+    if isinstance(engine, FSDPEngineWithLMHead):
+        engine.__class__ = _engine_with_entropy_beside_log_probs(type(engine))
     config = engine.engine_config
     engine.compute_entropy_from_logits = partial(
         entropy_without_grad,
