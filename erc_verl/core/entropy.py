@@ -4,8 +4,8 @@ ERC only compares H(pi_theta) / H(pi_old) with a band: no gradient flows through
 computes it with autograd whenever the update asks for entropies (full-vocabulary softmax kept for a backward
 that never comes, or recomputed under checkpointing). When `entropy_coeff == 0` the ERC trainer modes give the
 actor workers an engine whose entropy function runs under `torch.no_grad()`, chunked over tokens (verl's
-`entropy_from_logits_chunk_size`), with one or two [chunk, V] float32 temporaries per chunk; with `entropy_coeff != 0` the
-entropy bonus needs the gradient and verl's own path stays.
+`entropy_from_logits_chunk_size`), with one or two [chunk, V] float32 temporaries per chunk; with
+`entropy_coeff != 0` the entropy bonus needs the gradient and verl's own path stays.
 
 The swap goes through verl's extension points (`erc_verl.core.workers`): the trainer picks the worker class, the
 worker its training worker, whose engine's `compute_entropy_from_logits` (set by verl's FSDP, automodel, veomni
