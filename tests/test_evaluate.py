@@ -63,7 +63,8 @@ def test_cli_on_a_tiny_local_model(tiny_model, capsys):
     out = tiny_model / "out"
     code = cli_main(
         ["eval", "--model", f"tiny={tiny_model / 'model'}", "--data", str(tiny_model / "arith_val.parquet"),
-         "--reward", "pkg://erc_verl.demo.task:compute_score", "--n", "4", "--k", "1,2,4", "--max-response-length", "6", "--temperature", "1.0", "--out", str(out)]
+         "--reward", "pkg://erc_verl.demo.task:compute_score", "--n", "4", "--k", "1,2,4",
+         "--max-response-length", "6", "--temperature", "1.0", "--out", str(out)]
     )
     assert code == 0
     report = json.loads((out / "eval.json").read_text())
