@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         benchmarks = _named([val_files] if isinstance(val_files, str) else list(val_files), "benchmark")
         score_fn = get_custom_reward_fn(cfg)
         # the prompt as the recipe's training rollouts see it
-        chat_template_kwargs = OmegaConf.to_container(cfg.data.get("apply_chat_template_kwargs") or {}, resolve=True)
+        template_kwargs = OmegaConf.select(cfg, "data.apply_chat_template_kwargs")
+        chat_template_kwargs = OmegaConf.to_container(template_kwargs, resolve=True) if template_kwargs else {}
         max_prompt_length = OmegaConf.select(cfg, "actor_rollout_ref.rollout.prompt_length")
     for key in ("n", "temperature", "top_p", "max_response_length"):
         if getattr(args, key) is not None:
