@@ -249,3 +249,20 @@ def test_prompts_are_cut_from_the_left_like_training(tiny_model):
 def test_pick_backend():
     assert evaluate.pick_backend("vllm") is evaluate.VllmEngine
     assert evaluate.pick_backend("hf") is evaluate.HfEngine
+
+
+def test_a_paper_recipe_supplies_the_training_prompt_settings(tiny_model, tmp_path, monkeypatch):
+    """`--recipe`: the benchmarks, the reward with the recipe's options, the prompt length and template options."""
+    from erc_verl.data.prepare import prepare
+
+    for name in ("aime2024", "aime2025"):
+        prepare(name, TEST_DATA / f"{name}.jsonl", tmp_path)
+    monkeypatch.setenv("ERC_VERL_DATA_DIR", str(tmp_path))
+    seen = {}
+    monkeypatch.setattr(evaluate, "evaluate", lambda models, benchmarks, score_fn, **kw: seen.update(
+        benchmarks=benchmarks, score_fn=score_fn, **kw) or {"run": {}})
+    assert cli_main(["eval", "--recipe", "erc_dapo_r1_distill_1p5b", "--model", f"run={tiny_model / 'model'}",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert set(seen["benchmarks"]) == {"aime2024", "aime2025"}
+    assert (seen["max_prompt_length"], seen["chat_template_kwargs"], seen["max_tokens"]) == (4096, {}, 32768)
+    assert seen["score_fn"].args[1] == {"rules": "official"}  # verl's wrapper around the reward, with its kwargs
