@@ -73,10 +73,13 @@ def _batch(vocab: int):
         response_mask[i, :r] = 1
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     advantages = torch.randn(BATCH, 1, generator=g).expand(BATCH, RESPONSE_LEN) * response_mask
+    # the reward at the last response token: +1 makes a response positive for the paper's NLL term
+    rm_scores = torch.zeros(BATCH, RESPONSE_LEN)
+    rm_scores[torch.arange(BATCH), response_lens - 1] = torch.where(torch.arange(BATCH) % 2 == 0, 1.0, -1.0)
     data = DataProto.from_single_dict({
         "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], dim=1),
         "attention_mask": attention_mask, "position_ids": compute_position_id_with_mask(attention_mask),
-        "response_mask": response_mask, "advantages": advantages.contiguous(),
+        "response_mask": response_mask, "advantages": advantages.contiguous(), "rm_scores": rm_scores,
     })
     return left_right_2_no_padding(data.to_tensordict())
 
@@ -92,21 +95,21 @@ def _run_path(overrides: list[str], ray_tmp: str) -> dict:
     from verl.workers.utils.padding import no_padding_2_padding
 
     import ray
-    from erc_verl.core.entropy import actor_worker_without_entropy_grad
-    from erc_verl.core.worker_loss import entropy_aware_ppo_loss
+    from erc_verl.core.trainer_modes import erc_actor_worker
+    from erc_verl.core.worker_loss import extended_ppo_loss
     from erc_verl.runs.recipes import compose
     from erc_verl.runs.train import call_hook
 
     cfg = compose(RECIPE, FP32 + overrides)
     call_hook(cfg, "setup")  # the demo model and data (cached)
     ranks = cfg.trainer.n_gpus_per_node
-    worker = ray.remote(actor_worker_without_entropy_grad(ActorRolloutRefWorker))
+    worker = ray.remote(erc_actor_worker(cfg, ActorRolloutRefWorker))  # as the ERC trainer modes swap it in
     group = RayWorkerGroup(
         resource_pool=RayResourcePool(process_on_nodes=[ranks], max_colocate_count=1),
         ray_cls_with_init=RayClassWithInitArgs(cls=worker, config=cfg.actor_rollout_ref, role="actor"),
     )
     group.init_model()
-    group.set_loss_fn(partial(entropy_aware_ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)))
+    group.set_loss_fn(partial(extended_ppo_loss, config=omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)))
 
     def parameters():
         def full(w):
@@ -158,7 +161,7 @@ def paths(tmp_path_factory):
         ray.shutdown()
 
 
-METRICS = ("actor/pg_loss", "actor/grad_norm", "actor/erc_clipfrac", "actor/erc_clipfrac_low", "actor/erc_clipfrac_high",
+METRICS = ("actor/pg_loss", "actor/positive_nll", "actor/grad_norm", "actor/erc_clipfrac", "actor/erc_clipfrac_low", "actor/erc_clipfrac_high",
            "actor/entropy_ratio_mean", "actor/entropy_ratio_min", "actor/entropy_ratio_max")
 
 
