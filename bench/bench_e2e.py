@@ -22,6 +22,9 @@ largest single process (the actor/rollout worker that trains), `tree_peak` the s
 With --quick the two are one short run with dynamic sampling off and one validation.
 
     .venv/bin/python bench/bench_e2e.py --pipeline [--quick] [--steps 8] [-- extra hydra overrides]
+
+    .venv/bin/python bench/bench_e2e.py --recipe cpu_paper_erc_dapo   # the paper recipes' code path (2 ranks, SP 2,
+                                                                      # bf16, remove padding, dynamic batch size)
 """
 
 import os
@@ -106,7 +109,7 @@ def one_run(mode: str, index: int, args, work: Path) -> dict:
         "trainer.val_before_train=False",
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
-        "erc_verl.report=null",
+        "++erc_verl.report=null",  # (recipes without a report hook too)
         *args.overrides,
     ]
     log = (work / f"{name}.log").open("w")

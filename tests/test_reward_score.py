@@ -29,7 +29,7 @@ def boxed(answer: str) -> str:
         (r"\frac{1}{2}", boxed("1/2")),
         ("0.5", boxed(r"\frac12")),
         ("540", boxed("540")),
-        ("540", boxed("540.")),  # math-verify alone fails on `\boxed{540.}`: the inline-math retry
+        ("540", boxed("540.")),  # math-verify alone fails on `\boxed{540.}`: the inline-math retry (extended)
         ("540", answered("540")),  # `$540$`, no box
         ("540", "</think>The answer is \\boxed{540}."),
         ("540", boxed(r"540 \text{ meters}")),
@@ -163,5 +163,19 @@ def test_every_aime_ground_truth_scores_correct():
 
 def test_hard_deadline_follows_the_soft_ones():
     assert MathRewardConfig().hard_deadline_s == 2.0 + 5.0 + 2.0
+    assert MathRewardConfig(rules="official").hard_deadline_s == 5.0 + 5.0 + 5.0 + 2.0  # parse, gold parse, verify
     assert MathRewardConfig(parse_timeout_s=None, verify_timeout_s=None).hard_deadline_s == 12.0  # math-verify's 5 s
     assert MathRewardConfig(hard_timeout_s=1.5).hard_deadline_s == 1.5
+
+
+def test_inline_math_retry_is_an_extended_rule():
+    assert score_in_process(boxed("540."), "540", MathRewardConfig(inline_math_retry=False))["reason"] == "parse_error"
+    assert score_in_process(boxed("540."), "540", MathRewardConfig(rules="official"))["reason"] == "parse_error"
+
+
+def test_every_option_is_documented():
+    """TRL-style per-field help: what each option does, and the official code's value where it has one."""
+    import dataclasses
+
+    for f in dataclasses.fields(MathRewardConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name

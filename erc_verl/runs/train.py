@@ -68,15 +68,16 @@ def run(cfg) -> None:
     from verl.utils.device import auto_set_device
 
     from erc_verl.core.config import ErcConfigError, enable_erc
-    from erc_verl.runs import console, metrics
-    from erc_verl.runs.preflight import PreflightError, check_data_files, check_rollout_backend
+    from erc_verl.runs import console, metrics, preflight
 
     try:
         enable_erc(cfg)
-        check_rollout_backend(cfg)
+        preflight.check_rollout_backend(cfg)
+        preflight.check_reference_on_cpu(cfg)
         call_hook(cfg, "setup")
-        check_data_files(cfg)
-    except (ErcConfigError, PreflightError) as err:
+        preflight.check_data_files(cfg)
+        preflight.check_attention(cfg)  # after the setup hook: it reads the model's head counts
+    except (ErcConfigError, preflight.PreflightError) as err:
         raise SystemExit(f"erc-verl train: {err}") from None
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
