@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from erc_verl.runs import console
+from tests import REPO_ROOT
 
 ACC = "val-core/erc_verl/cpu_arith/acc/mean@1"
 ERC_ROW = {
@@ -103,3 +104,19 @@ def test_wanted_only_with_the_file_logger_and_without_verls_console(tmp_path):
         progress.out = out
     assert kept.ray_kwargs.ray_init.log_to_driver is True  # a recipe's own setting wins
     assert out.getvalue().splitlines()[-1] == "[erc-verl] training finished in 0s"
+
+
+def test_lines_for_real_rows_of_verls_file_logger(tmp_path):
+    # rows 0, 19 and 20 of a 40-step run of the CPU recipe (test_freq 10), as verl's file logger wrote them
+    rows = (REPO_ROOT / "tests" / "data" / "metrics_rows.jsonl").read_text()
+    assert len(json.loads(rows.splitlines()[2])["data"]) > 100  # verl's whole dictionary, not a hand-made row
+    path = tmp_path / "metrics.jsonl.attempt"
+    path.write_text(rows)
+    out = io.StringIO()
+    console.Progress(str(path), total=40, test_freq=10, out=out).poll()
+    # ETA after step 19: 21 steps x 3.554 s; after 20: 20 x mean(3.554, 3.987) + validations at 30 and 40 x 10.53 s
+    assert out.getvalue().splitlines() == [
+        "[erc-verl] validation before training: val acc 40.4%",
+        "step 19/40 | 3.55 s | reward 0.570 | val acc   -   | erc_clipfrac 0.1269 | H ratio 0.311-1.350 | ETA 1m15s",
+        "step 20/40 | 3.99 s | reward 0.531 | val acc 39.3% | erc_clipfrac 0.1222 | H ratio 0.773-1.242 | ETA 1m36s",
+    ]
