@@ -38,7 +38,7 @@ import psutil
 from common import REPO, arg_parser, median, print_table, write_results
 
 from erc_verl.runs.console import Progress
-from erc_verl.runs.metrics import read_steps
+from erc_verl.runs.metrics import attempt_path, read_steps
 from erc_verl.runs.report import summarize
 
 MODES = {
@@ -98,7 +98,9 @@ def one_run(mode: str, index: int, args, work: Path) -> dict:
     run_dir = work / name
     metrics_path = run_dir / "metrics.jsonl"  # the recipe points verl's file logger at <run_dir>/metrics.jsonl
     cmd = [
-        str(REPO / ".venv" / "bin" / "erc-verl"),
+        sys.executable,
+        "-m",
+        "erc_verl",
         "train",
         args.recipe,
         *MODES[mode],
@@ -154,11 +156,11 @@ def pipeline_run(name: str, overrides: list[str], args, work: Path) -> dict:
     """One `erc-verl train` of the recipe (plus `overrides`), timed from outside and from its metrics."""
     run_dir = work / name
     cmd = [
-        str(REPO / ".venv" / "bin" / "erc-verl"), "train", args.recipe, *overrides, *args.overrides,
+        sys.executable, "-m", "erc_verl", "train", args.recipe, *overrides, *args.overrides,
         f"trainer.experiment_name=bench_pipeline_{name}", f"erc_verl.run_dir={run_dir}",
         f"+ray_kwargs.ray_init._temp_dir=/tmp/ray_bench_{os.getpid()}_{name}",
     ]
-    clock = RowClock(str(run_dir / "metrics.jsonl.attempt"), total=0, test_freq=0, poll_s=0.1)
+    clock = RowClock(attempt_path(str(run_dir / "metrics.jsonl")), total=0, test_freq=0, poll_s=0.1)
     with (work / f"{name}.log").open("w") as log:
         start = time.perf_counter()
         clock.start()
