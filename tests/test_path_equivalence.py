@@ -84,7 +84,7 @@ def _batch(vocab: int):
     return left_right_2_no_padding(data.to_tensordict())
 
 
-def _run_path(overrides: list[str], ray_tmp: str) -> dict:
+def _run_path(overrides: list[str]) -> dict:
     """Build the actor of one path, run two updates on the fixed batch, return what the paths must agree on."""
     from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
     from verl.trainer.ppo.metric_utils import reduce_metrics
@@ -104,8 +104,9 @@ def _run_path(overrides: list[str], ray_tmp: str) -> dict:
     call_hook(cfg, "setup")  # the demo model and data (cached)
     ranks = cfg.trainer.n_gpus_per_node
     worker = ray.remote(erc_actor_worker(cfg, ActorRolloutRefWorker))  # as the ERC trainer modes swap it in
+    pool = RayResourcePool(process_on_nodes=[ranks], max_colocate_count=1)
     group = RayWorkerGroup(
-        resource_pool=RayResourcePool(process_on_nodes=[ranks], max_colocate_count=1),
+        resource_pool=pool,
         ray_cls_with_init=RayClassWithInitArgs(cls=worker, config=cfg.actor_rollout_ref, role="actor"),
     )
     group.init_model()
@@ -140,9 +141,10 @@ def _run_path(overrides: list[str], ray_tmp: str) -> dict:
             "grads": {name: before[name] - after[name] for name in after},  # SGD, lr 1
         }
         before = after
-    ray.kill(group.workers[0])  # the group's actors hold the logical GPUs the next path needs
-    for w in group.workers[1:]:
+    for w in group.workers:
         ray.kill(w)
+    for pg in pool.pgs:  # the pool's placement groups hold the logical GPUs the next path needs
+        ray.util.remove_placement_group(pg)
     return result
 
 
@@ -152,11 +154,10 @@ def paths(tmp_path_factory):
 
     os.environ.setdefault("ERC_VERL_CACHE", str(__import__("tests").REPO_ROOT / ".cache" / "erc_verl"))
     os.environ["ERC_VERL_RUN_DIR"] = str(tmp_path_factory.mktemp("equivalence"))
-    ray_tmp = f"/tmp/ray_erc_{os.getpid()}_eq"
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, _temp_dir=ray_tmp,
+    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, _temp_dir=f"/tmp/ray_erc_{os.getpid()}_eq",
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
-        yield {name: _run_path(overrides, ray_tmp) for name, overrides in PATHS.items()}
+        yield {name: _run_path(overrides) for name, overrides in PATHS.items()}
     finally:
         ray.shutdown()
 
