@@ -69,12 +69,15 @@ def run(cfg) -> None:
     from erc_verl.core.config import ErcConfigError, enable_erc
     from erc_verl.runs import metrics
     from erc_verl.runs.preflight import PreflightError, check_data_files, check_rollout_backend
+    from erc_verl.runs.preflight import check_models, check_registry_names
 
     try:
         enable_erc(cfg)
         check_rollout_backend(cfg)
+        check_registry_names(cfg)
         call_hook(cfg, "setup")
         check_data_files(cfg)
+        check_models(cfg)
     except (ErcConfigError, PreflightError) as err:
         raise SystemExit(f"erc-verl train: {err}") from None
     auto_set_device(cfg)
