@@ -109,7 +109,8 @@ def test_registered_names_pass():
          r"^reward.reward_model.rollout.name='sglng': no rollout backend"),
         (["reward.reward_manager.name=daapo"],
          r"^reward.reward_manager.name='daapo': no reward manager .*choices: dapo, .*naive"),
-        (["reward.reward_manager.source=imp"], r"^reward.reward_manager.source='imp': must be 'register' or 'importlib'$"),
+        (["reward.reward_manager.source=imp"],
+         r"^reward.reward_manager.source='imp': must be 'register' or 'importlib'$"),
         (["reward.reward_manager.source=importlib", "reward.reward_manager.module.path=pkg://no_such_pkg"],
          r"^reward.reward_manager.module.path='pkg://no_such_pkg': cannot be loaded \(ModuleNotFoundError"),
         (["reward.reward_manager.source=importlib", "reward.reward_manager.module.path=pkg://erc_verl.reward.judge",
@@ -159,9 +160,10 @@ def test_plugins_names_count(monkeypatch, tmp_path):
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    for registry, name in [(POLICY_LOSS_REGISTRY, "my_loss"), (ADV_ESTIMATOR_REGISTRY, "my_estimator"),
-                           (TRAINER_REGISTRY, "my_mode"), (REWARD_MANAGER, "my_manager"),
-                           (_ROLLOUT_REGISTRY, ("my_engine", "async")), (RolloutReplicaRegistry._registry, "my_engine")]:
+    registered = [(POLICY_LOSS_REGISTRY, "my_loss"), (ADV_ESTIMATOR_REGISTRY, "my_estimator"),
+                  (TRAINER_REGISTRY, "my_mode"), (REWARD_MANAGER, "my_manager"),
+                  (_ROLLOUT_REGISTRY, ("my_engine", "async")), (RolloutReplicaRegistry._registry, "my_engine")]
+    for registry, name in registered:
         monkeypatch.setitem(registry, name, object())
     reward = tmp_path / "my_reward.py"
     reward.write_text("def my_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 1.0\n")
