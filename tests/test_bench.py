@@ -70,3 +70,15 @@ def test_bench_e2e(tmp_path):
     assert {r["mode"] for r in result["rows"]} == {"dapo", "erc_dapo"}
     for run in result["runs"]:
         assert run["step_s"] > 0 and run["worker_peak_mib"] > 0 and run["processes"] > 1
+
+
+def test_fuzz_reward(tmp_path):
+    from erc_verl.reward.judge import REASONS
+
+    result = run_quick("fuzz_reward", tmp_path)  # exits non-zero on a crash or a response past its deadline
+    total = result["rows"][-1]
+    assert total["category"] == "all" and total["n"] == 200
+    assert total["crashes"] == 0 and total["past_deadline"] == 0
+    assert {r["category"] for r in result["rows"][:-1]} >= {"brackets", "one_megabyte", "tower", "empty_like"}
+    assert set(result["reasons"]) <= set(REASONS) | {"verdict"} and sum(result["reasons"].values()) == 200
+    assert result["replacements"] >= 0 and total["max_ms"] > 0

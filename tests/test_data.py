@@ -17,15 +17,19 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_prompt_template():
+def test_prompt_is_the_raw_question_unless_asked():
+    # the official data's prompts are the questions themselves
+    assert format_prompt("  What is 1+1? ") == "  What is 1+1? "
     assert PROMPT_TEMPLATE.format(question="What is 1+1?") == (
         "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}.")
-    once = format_prompt("  What is 1+1? ")
-    assert once.endswith(INSTRUCTION) and format_prompt(once) == once  # preparing prepared data changes nothing
+    once = format_prompt("  What is 1+1? ", instruction=True)
+    assert once == PROMPT_TEMPLATE.format(question="What is 1+1?")
+    assert format_prompt(once, instruction=True) == once  # preparing prepared data changes nothing
 
 
 @pytest.mark.parametrize("name", ["aime2024", "aime2025"])
 def test_aime_files(tmp_path, name):
+    """tests/data holds the official ERC code's AIME rows: prepared, their prompts stay exactly as they are."""
     path = TEST_DATA / f"{name}.jsonl"
     source_rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = prepare(name, path, tmp_path)
@@ -35,7 +39,8 @@ def test_aime_files(tmp_path, name):
     for i, (row, source) in enumerate(zip(frame.to_dict(orient="records"), source_rows)):
         (message,) = row["prompt"]
         assert message["role"] == "user"
-        assert message["content"] == PROMPT_TEMPLATE.format(question=source["prompt"][0]["content"].strip())
+        assert message["content"] == source["prompt"][0]["content"]
+        assert "boxed" not in message["content"] and "step by step" not in message["content"]
         assert row["reward_model"]["ground_truth"] == source["reward_model"]["ground_truth"]
         assert row["ability"] == "math" and row["extra_info"] == {"split": "test", "index": i}
 
@@ -49,8 +54,7 @@ def test_plain_rows_from_a_folder_of_mixed_files(tmp_path):
     (folder / "notes.txt").write_text("ignored")
     frame = pd.read_parquet(prepare("klear_mathsub_30k", folder, tmp_path / "out"))
     assert frame.reward_model.map(lambda r: r["ground_truth"]).tolist() == ["4", "\\frac{1}{2}", "3"]
-    assert frame.prompt.map(lambda p: p[0]["content"]).tolist() == [
-        format_prompt("What is 2+2?"), format_prompt("Half of 1?"), format_prompt("Three?")]
+    assert frame.prompt.map(lambda p: p[0]["content"]).tolist() == ["What is 2+2?", "Half of 1?", "Three?"]
     assert set(frame.data_source) == {"math_longcot_math_verify"}
     assert frame.extra_info.map(lambda e: e["split"]).tolist() == ["train"] * 3
 
@@ -111,7 +115,10 @@ def test_missing_and_unsupported_inputs(tmp_path):
 def test_cli(tmp_path, capsys):
     path = write_jsonl(tmp_path / "in.jsonl", [{"problem": "q", "answer": "1"}])
     assert main(["aime2024", "--input", str(path), "--out-dir", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "aime2024.parquet").exists()
+    assert pd.read_parquet(tmp_path / "out" / "aime2024.parquet").prompt[0][0]["content"] == "q"
+    assert main(["aime2024", "--input", str(path), "--out-dir", str(tmp_path / "with"), "--instruction"]) == 0
+    assert pd.read_parquet(tmp_path / "with" / "aime2024.parquet").prompt[0][0]["content"] == (
+        "q\n" + INSTRUCTION)
     assert "aime2024: wrote" in capsys.readouterr().out
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"problem": "q"}])
     assert main(["aime2024", "--input", str(bad), "--out-dir", str(tmp_path)]) == 1
@@ -134,5 +141,4 @@ def test_hub_path_loads_every_part(tmp_path, monkeypatch):
     frame = pd.read_parquet(prepare("aime2025", None, tmp_path))
     assert calls == [("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")]
     assert frame.reward_model.map(lambda r: r["ground_truth"]).tolist() == ["1", "2"]
-    assert frame.prompt.map(lambda p: p[0]["content"]).tolist() == [
-        format_prompt("AIME2025-I problem"), format_prompt("AIME2025-II problem")]
+    assert frame.prompt.map(lambda p: p[0]["content"]).tolist() == ["AIME2025-I problem", "AIME2025-II problem"]

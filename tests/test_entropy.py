@@ -1,5 +1,5 @@
-"""erc_verl.core.entropy: the current policy's entropy for the ERC mask without autograd, and how the ERC trainer modes
-put it into the actor workers' engines."""
+"""erc_verl.core.entropy: the current policy's entropy for the ERC mask without autograd, and its swap into an
+engine (the worker classes that do it: tests/test_workers.py)."""
 
 import math
 import warnings
@@ -119,16 +119,6 @@ class _Engine:
         self.compute_entropy_from_logits = "verl's"
 
 
-class _TrainingWorker:
-    def __init__(self, config):
-        self.engine = _Engine(config)
-
-
-class _ActorWorker:
-    actor_worker_cls = _TrainingWorker
-    ref_worker_cls = _TrainingWorker
-
-
 def test_install_uses_the_engines_chunk_size(monkeypatch):
     engine = _Engine(None)
     assert install_entropy_without_grad(engine)
@@ -139,47 +129,6 @@ def test_install_uses_the_engines_chunk_size(monkeypatch):
     engine.compute_entropy_from_logits(torch.zeros(7, 4), chunk_size=3)
     assert seen == [3, 3, 1] * 2
     assert not install_entropy_without_grad(object())  # engines without an entropy function are left alone
-
-
-def test_worker_classes_swap_only_the_actors_engine():
-    worker_cls = erc_entropy.actor_worker_without_entropy_grad(_ActorWorker)
-    assert issubclass(worker_cls, _ActorWorker) and worker_cls.ref_worker_cls is _TrainingWorker
-    training = worker_cls.actor_worker_cls(config=None)
-    assert isinstance(training, _TrainingWorker)
-    assert training.engine.compute_entropy_from_logits != "verl's"
-    got = training.engine.compute_entropy_from_logits(torch.tensor([[0.0, 0.0]]))
-    assert got.tolist() == pytest.approx([math.log(2)])
-    assert erc_entropy.actor_worker_without_entropy_grad(_ActorWorker) is worker_cls  # one class per base
-
-
-@pytest.mark.parametrize("entropy_coeff, swapped", [(0.0, True), (0.01, False)])
-def test_erc_trainer_mode_runs_the_actor_on_the_no_grad_worker(entropy_coeff, swapped):
-    """ErcTrainerMixin swaps the actor's worker class the way verl's separate-async trainer swaps in its own."""
-    import ray
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.utils import Role
-    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
-
-    from erc_verl.core.trainer_modes import ErcTrainerMixin
-
-    class StockTrainer:
-        def _init_resource_pool_mgr(self):
-            self.role_worker_mapping = {
-                Role.ActorRollout: ray.remote(ActorRolloutRefWorker),
-                Role.RefPolicy: ray.remote(ActorRolloutRefWorker),
-            }
-
-    trainer = type("Trainer", (ErcTrainerMixin, StockTrainer), {})
-    self = object.__new__(trainer)
-    self.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"entropy_coeff": entropy_coeff}}})
-    self._init_resource_pool_mgr()
-    actor_cls = self.role_worker_mapping[Role.ActorRollout].__ray_actor_class__
-    assert issubclass(actor_cls, ActorRolloutRefWorker)
-    assert (actor_cls is not ActorRolloutRefWorker) == swapped
-    if swapped:
-        assert issubclass(actor_cls.actor_worker_cls, TrainingWorker)
-        assert actor_cls.actor_worker_cls is not TrainingWorker
-    assert self.role_worker_mapping[Role.RefPolicy].__ray_actor_class__ is ActorRolloutRefWorker
 
 
 def _packed_micro_batch(lengths=(5, 3), vocab=11, seed=4):

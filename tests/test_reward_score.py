@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from erc_verl.reward import judge
 from erc_verl.reward.judge import PRED_MAX_CHARS, REASONS, MathRewardConfig, score_in_process
 from erc_verl.reward.math_verify_score import compute_score
 from tests import TEST_DATA
+from tests.test_reward_deadline import spin_until_interrupted
 
 KEYS = {"score", "acc", "pred", "reason"}
 
@@ -29,7 +31,7 @@ def boxed(answer: str) -> str:
         (r"\frac{1}{2}", boxed("1/2")),
         ("0.5", boxed(r"\frac12")),
         ("540", boxed("540")),
-        ("540", boxed("540.")),  # math-verify alone fails on `\boxed{540.}`: the inline-math retry
+        ("540", boxed("540.")),  # math-verify alone fails on `\boxed{540.}`: the inline-math retry (extended)
         ("540", answered("540")),  # `$540$`, no box
         ("540", "</think>The answer is \\boxed{540}."),
         ("540", boxed(r"540 \text{ meters}")),
@@ -117,9 +119,17 @@ def test_guards_leave_big_but_real_answers_alone():
     assert score_in_process(boxed(r"\left\{ \frac{1}{\sqrt{2^{3}}} \right\}"), r"\{\frac{\sqrt{2}}{4}\}")["acc"]
 
 
-def test_soft_deadline_reports_timeout():
-    # bare braces nested 10 deep (under the depth guard) cost math-verify ~0.5 s: far past a 10 ms deadline.
-    # Used by no other test: math-verify caches parses within a process.
+def test_soft_deadline_reports_timeout(monkeypatch):
+    # math-verify's parse replaced by Python code that only the deadline can end: the outcome does not depend on
+    # how fast the machine is or where the timer's signal lands
+    monkeypatch.setattr(judge, "parse", lambda *args, **kwargs: [spin_until_interrupted()])
+    cfg = MathRewardConfig(parse_timeout_s=0.01)
+    assert score_in_process(boxed("17"), "5", cfg)["reason"] == "timeout"
+
+
+def test_soft_deadline_interrupts_math_verify():
+    # bare braces nested 10 deep (under the depth guard) cost math-verify ~0.5 s of parsing, 50x the deadline (a
+    # busy machine only makes it slower). Used by no other test: math-verify caches parses within a process.
     cfg = MathRewardConfig(parse_timeout_s=0.01)
     assert score_in_process(boxed("{" * 10 + "17" + "}" * 10), "5", cfg)["reason"] == "timeout"
 
@@ -163,5 +173,19 @@ def test_every_aime_ground_truth_scores_correct():
 
 def test_hard_deadline_follows_the_soft_ones():
     assert MathRewardConfig().hard_deadline_s == 2.0 + 5.0 + 2.0
+    assert MathRewardConfig(rules="official").hard_deadline_s == 5.0 + 5.0 + 5.0 + 2.0  # parse, gold parse, verify
     assert MathRewardConfig(parse_timeout_s=None, verify_timeout_s=None).hard_deadline_s == 12.0  # math-verify's 5 s
     assert MathRewardConfig(hard_timeout_s=1.5).hard_deadline_s == 1.5
+
+
+def test_inline_math_retry_is_an_extended_rule():
+    assert score_in_process(boxed("540."), "540", MathRewardConfig(inline_math_retry=False))["reason"] == "parse_error"
+    assert score_in_process(boxed("540."), "540", MathRewardConfig(rules="official"))["reason"] == "parse_error"
+
+
+def test_every_option_is_documented():
+    """TRL-style per-field help: what each option does, and the official code's value where it has one."""
+    import dataclasses
+
+    for f in dataclasses.fields(MathRewardConfig):
+        assert len(f.metadata.get("help", "")) > 20, f.name

@@ -4,13 +4,12 @@ ERC only compares H(pi_theta) / H(pi_old) with a band: no gradient flows through
 computes it with autograd whenever the update asks for entropies (full-vocabulary softmax kept for a backward
 that never comes, or recomputed under checkpointing). When `entropy_coeff == 0` the ERC trainer modes give the
 actor workers an engine whose entropy function runs under `torch.no_grad()`, chunked over tokens (verl's
-`entropy_from_logits_chunk_size`), with one or two [chunk, V] float32 temporaries per chunk; with `entropy_coeff != 0` the
-entropy bonus needs the gradient and verl's own path stays.
+`entropy_from_logits_chunk_size`), with one or two [chunk, V] float32 temporaries per chunk; with
+`entropy_coeff != 0` the entropy bonus needs the gradient and verl's own path stays.
 
-The swap goes through verl's extension points: the trainer's `_init_resource_pool_mgr` picks the worker class
-(as verl's own separate-async trainer does), and the worker's `actor_worker_cls` picks the training worker whose
-engine computes the entropy (`engine.compute_entropy_from_logits`, set by verl's FSDP, automodel, veomni and
-torchtitan engines).
+The swap goes through verl's extension points (`erc_verl.core.workers`): the trainer picks the worker class, the
+worker its training worker, whose engine's `compute_entropy_from_logits` (set by verl's FSDP, automodel, veomni
+and torchtitan engines) `install_entropy_without_grad` replaces.
 """
 
 from functools import lru_cache, partial
@@ -130,26 +129,3 @@ def install_entropy_without_grad(engine) -> bool:
         compile=bool(getattr(config, "use_torch_compile", False)),
     )
     return True
-
-
-@lru_cache(maxsize=None)
-def training_worker_without_entropy_grad(base: type) -> type:
-    """A subclass of verl's `TrainingWorker` (or a subclass) whose engine computes entropies without autograd."""
-
-    def __init__(self, config):
-        base.__init__(self, config)
-        if install_entropy_without_grad(self.engine):
-            chunk = self.engine.compute_entropy_from_logits.keywords["chunk_size"]
-            print(f"{ENGINE_MESSAGE} (chunks of {chunk} tokens)", flush=True)
-
-    return type(f"EntropyWithoutGrad{base.__name__}", (base,), {"__init__": __init__, "__module__": __name__})
-
-
-@lru_cache(maxsize=None)
-def actor_worker_without_entropy_grad(base: type) -> type:
-    """A subclass of verl's `ActorRolloutRefWorker` (or a subclass) whose actor uses the no-grad entropy."""
-    return type(
-        f"Erc{base.__name__}",
-        (base,),
-        {"actor_worker_cls": training_worker_without_entropy_grad(base.actor_worker_cls), "__module__": __name__},
-    )

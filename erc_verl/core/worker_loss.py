@@ -1,18 +1,18 @@
-"""How both entropies reach an ERC loss inside verl's actor update.
+"""The actor's loss function in erc-verl's trainer modes: verl's `ppo_loss`, plus what erc-verl's options add.
 
 verl 0.9.1 calls registered policy losses from `verl/workers/utils/losses.py::ppo_loss` with log-probs,
-advantages and masks only: no entropy, no batch. Rather than copying `ppo_loss`, the route is:
+advantages and masks only: no entropy, no batch. Rather than copying `ppo_loss`, erc-verl's trainer modes install
+`extended_ppo_loss` on the actor workers with verl's `set_loss_fn`; per micro-batch it calls verl's own `ppo_loss`
+unchanged and adds:
 
-1. the old policy's entropy: verl's V1 trainer computes it with `old_log_probs` and stores it in the batch as
-   `data["entropy"]`;
-2. the current policy's: the update forward computes it (`actor.calculate_entropy`, switched on by
-   `enable_erc`) into `model_output["entropy"]`;
-3. the ERC trainer modes install `entropy_aware_ppo_loss` on the actor workers with verl's `set_loss_fn`. Per
-   micro-batch it lays both out exactly as `ppo_loss` lays out `log_prob` (`(bs, response_length)`), sets them
-   in a ContextVar (`delivering`) and calls verl's own `ppo_loss` unchanged;
-4. inside, the registered ERC loss reads them back with `delivered_entropies`. The ContextVar is set only for
-   that one call, so a loss called elsewhere without entropies raises `MissingEntropyError` instead of
-   silently running as its base loss.
+- for `erc_*` loss modes, both entropies, delivered to the ERC loss that `ppo_loss` calls:
+  1. the old policy's: verl's V1 trainer computes it with `old_log_probs` and stores it as `data["entropy"]`;
+  2. the current policy's: the update forward computes it (`actor.calculate_entropy`, switched on by
+     `enable_erc`) into `model_output["entropy"]`;
+  both laid out exactly as `ppo_loss` lays out `log_prob` (`(bs, response_length)`) and set in a ContextVar
+  (`delivering`) for that one call; the ERC loss reads them back with `delivered_entropies`, and raises
+  `MissingEntropyError` when called anywhere else without them (it never silently runs as its base loss);
+- with `positive_nll_coeff` > 0, the positive-sample NLL term of the official ERC code (see `positive_nll`).
 """
 
 from contextlib import contextmanager
@@ -20,13 +20,21 @@ from contextvars import ContextVar
 from typing import Optional
 
 import torch
+from verl.trainer.ppo.core_algos import agg_loss
+from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
+from erc_verl.core.config import is_erc_mode
+
 
 class MissingEntropyError(RuntimeError):
     """An ERC loss was called without the entropies it needs."""
+
+
+class MissingPositiveCountError(RuntimeError):
+    """The positive-sample NLL term was computed without its mini-batch-wide token count."""
 
 
 _DELIVERED: ContextVar[Optional[tuple[torch.Tensor, torch.Tensor]]] = ContextVar("erc_entropies", default=None)
@@ -36,6 +44,10 @@ _EXTREME_METRICS = {
     "actor/entropy_ratio_min": AggregationType.MIN,
     "actor/entropy_ratio_max": AggregationType.MAX,
 }
+POSITIVE_NLL_METRIC = "actor/positive_nll"
+# set on each actor mini-batch by erc_verl.core.workers (summed over data-parallel ranks), read by positive_nll
+POSITIVE_NUM_TOKENS = "erc_positive_num_tokens"
+POSITIVE_NUM_SEQUENCES = "erc_positive_num_sequences"
 
 
 @contextmanager
@@ -86,4 +98,67 @@ def entropy_aware_ppo_loss(config, model_output, data, dp_group=None):
             extreme = Metric(aggregation=aggregation)
             extreme.extend(metrics[key].values)
             metrics[key] = extreme
+    return loss, metrics
+
+
+def positive_response_mask(data, positive_reward: float) -> torch.Tensor:
+    """`(bs, response_length)` bool: the response tokens of the responses whose summed token-level reward equals
+    `positive_reward` (the official code's `token_level_rewards.sum(-1) == 1.0`; in verl's V1 batch the reward
+    before any KL penalty is `rm_scores`, the score at the last response token)."""
+    if "rm_scores" not in data.keys():
+        raise KeyError("the actor batch has no `rm_scores`: the positive-sample NLL term needs verl's V1 trainer")
+    padded = data.select("rm_scores", "response_mask").to_padded_tensor()
+    positive = padded["rm_scores"].sum(dim=-1) == positive_reward
+    return padded["response_mask"].bool() & positive.unsqueeze(-1)
+
+
+def positive_counts(data, positive_reward: float) -> tuple[int, int]:
+    """(positive response tokens, positive responses) in `data`."""
+    mask = positive_response_mask(data, positive_reward)
+    return int(mask.sum()), int(mask.any(dim=-1).sum())
+
+
+def positive_nll(config, model_output, data) -> torch.Tensor:
+    """The official ERC code's positive-sample term: -log pi over the response tokens of the positive responses,
+    aggregated with `loss_agg_mode` (no ERC mask, no ratio, no clipping).
+
+    Normalised like verl's own terms, by counts over the whole mini-batch and every data-parallel rank (set on the
+    mini-batch by erc-verl's actor worker before verl splits it into micro-batches), so the sum over micro-batches
+    and the mean over ranks is independent of micro-batching: for token-mean, the mean NLL over all positive tokens
+    of the mini-batch. (The official code takes a masked mean per micro-batch instead, `dp_actor.py:510-518`.)
+    A mini-batch without positive responses contributes 0.
+    """
+    num_tokens, num_sequences = tu.get(data, POSITIVE_NUM_TOKENS), tu.get(data, POSITIVE_NUM_SEQUENCES)
+    if num_tokens is None or num_sequences is None:
+        raise MissingPositiveCountError(
+            "positive_nll_coeff > 0 but the mini-batch carries no positive-token count: run it through "
+            "`erc-verl train` (or trainer.v1.trainer_mode=erc_sync / erc_colocate_async / erc_separate_async)"
+        )
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    mask = positive_response_mask(data, config.policy_loss.positive_nll_reward)
+    return agg_loss(
+        loss_mat=-log_prob,
+        loss_mask=mask,
+        loss_agg_mode=config.loss_agg_mode,
+        dp_size=data["dp_size"],
+        batch_num_tokens=max(num_tokens, 1),  # no positives anywhere: the masked sum is 0, and so is the term
+        global_batch_size=max(num_sequences, 1),
+        loss_scale_factor=config.loss_scale_factor,
+    )
+
+
+def extended_ppo_loss(config, model_output, data, dp_group=None):
+    """The actor loss of erc-verl's trainer modes: verl's `ppo_loss` (with both entropies delivered for `erc_*`
+    loss modes) plus `positive_nll_coeff` x `positive_nll` when that is > 0."""
+    policy_loss = config.policy_loss
+    if is_erc_mode(policy_loss.get("loss_mode", "vanilla")):
+        loss, metrics = entropy_aware_ppo_loss(config, model_output, data, dp_group)
+    else:
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
+    coeff = policy_loss.get("positive_nll_coeff", 0.0)
+    if coeff:
+        nll = positive_nll(config, model_output, data)
+        loss = loss + coeff * nll
+        # like verl's pg_loss: summed over micro-batches, averaged over ranks = the mini-batch's value
+        metrics[POSITIVE_NLL_METRIC] = Metric(value=nll, aggregation=AggregationType.SUM)
     return loss, metrics

@@ -5,7 +5,8 @@
 
 Writes `<out-dir>/<name>.parquet` (out-dir: $ERC_VERL_DATA_DIR, else `data/`, where the recipes look), in verl's
 row layout (`erc_verl.data.rows`) with data_source `math_longcot_math_verify[_aime2024|_aime2025]` (the official
-code's names; the reward accepts any) and the user message `PROMPT_TEMPLATE.format(question=...)`.
+code's training name; the reward accepts any) and the question, unchanged, as the user message: the official data
+carries the raw question. `--instruction` appends DeepSeek's recommended instruction (`PROMPT_TEMPLATE`) instead.
 Input rows are either verl rows (`prompt` messages and `reward_model.ground_truth`, as the KlearReasoner data
 ships) or plain ones (`problem`/`question` and `answer`, as the AIME sets ship).
 """
@@ -20,7 +21,8 @@ from typing import Any, Iterable
 
 from erc_verl.data.rows import verl_row
 
-# R1-Distill style: the question, then the instruction DeepSeek recommends for its R1 models.
+# Opt-in (`--instruction`): the question, then the instruction DeepSeek recommends for its R1 models. Not in the
+# official ERC data, whose prompts are the raw questions.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_TEMPLATE = "{question}\n" + INSTRUCTION.replace("{}", "{{}}")
 
@@ -49,8 +51,11 @@ class DataError(ValueError):
     """A row that cannot become a verl row; the message names the input, the row and the field."""
 
 
-def format_prompt(question: str) -> str:
-    """The user message for `question`; a question that already ends with the instruction is kept as is."""
+def format_prompt(question: str, instruction: bool = False) -> str:
+    """The user message for `question`: the question itself (as the official data), or with `instruction` the
+    question followed by INSTRUCTION (a question that already ends with it is kept as is)."""
+    if not instruction:
+        return question
     question = question.strip()
     return question if question.endswith(INSTRUCTION) else PROMPT_TEMPLATE.format(question=question)
 
@@ -98,15 +103,15 @@ def _answer(row: dict, where: str) -> str:
     return str(value).strip()
 
 
-def to_verl_rows(rows: Iterable[dict], source: Source, origin: str) -> list[dict]:
+def to_verl_rows(rows: Iterable[dict], source: Source, origin: str, instruction: bool = False) -> list[dict]:
     """Validate and convert; raises DataError naming `origin`, the row number and the field."""
     out = []
     for index, row in enumerate(rows):
         where = f"{origin}: row {index}"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object, got {type(row).__name__}")
-        out.append(verl_row(source.data_source, format_prompt(_question(row, where)), _answer(row, where),
-                            source.split, index))
+        out.append(verl_row(source.data_source, format_prompt(_question(row, where), instruction),
+                            _answer(row, where), source.split, index))
     if not out:
         raise DataError(f"{origin}: no rows")
     return out
@@ -159,8 +164,9 @@ def read_hub(source: Source) -> list[dict]:
     return [row for name, config, split in source.hub for row in load_dataset(name, config, split=split)]
 
 
-def prepare(name: str, input_path: str | Path | None, out_dir: str | Path) -> Path:
-    """Write `<out_dir>/<name>.parquet` from `input_path` (file or folder), or from the hub when None."""
+def prepare(name: str, input_path: str | Path | None, out_dir: str | Path, instruction: bool = False) -> Path:
+    """Write `<out_dir>/<name>.parquet` from `input_path` (file or folder), or from the hub when None; with
+    `instruction`, every question is followed by INSTRUCTION."""
     import pandas as pd
 
     source = SOURCES[name]
@@ -168,7 +174,7 @@ def prepare(name: str, input_path: str | Path | None, out_dir: str | Path) -> Pa
         rows, origin = read_local(input_path), str(input_path)
     else:
         rows, origin = read_hub(source), "+".join(f"{n}:{c or 'default'}:{s}" for n, c, s in source.hub)
-    frame = pd.DataFrame(to_verl_rows(rows, source, origin))
+    frame = pd.DataFrame(to_verl_rows(rows, source, origin, instruction))
     out = Path(out_dir) / f"{name}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(out, index=False)
@@ -180,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=[*SOURCES, "all"], help="which data set to prepare")
     parser.add_argument("--input", help="local jsonl/json/parquet file or folder instead of the hub "
                                         "(one data set at a time)")
+    parser.add_argument("--instruction", action="store_true",
+                        help="append 'Please reason step by step, and put your final answer within \\boxed{}.' to "
+                        "every question (not in the official data, whose prompts are the raw questions)")
     parser.add_argument("--out-dir", default=os.environ.get("ERC_VERL_DATA_DIR", "data"),
                         help="where to write <name>.parquet (default: $ERC_VERL_DATA_DIR, else data/)")
     args = parser.parse_args(argv)
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input takes one data set: name it instead of 'all'")
     for name in SOURCES if args.name == "all" else [args.name]:
         try:
-            out = prepare(name, args.input, args.out_dir)
+            out = prepare(name, args.input, args.out_dir, args.instruction)
         except DataError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

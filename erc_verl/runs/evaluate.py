@@ -4,8 +4,10 @@
 
 Sampling settings (n, temperature, top_p, response length: the recipe's `erc_verl.eval`, else the paper's in
 `recipes/common/eval.yaml`), the benchmarks (the recipe's `data.val_files`) and the reward (the recipe's
-`reward.custom_reward_function`) come from the recipe; flags override them. Generation
-runs on vLLM where a GPU and vLLM are present, otherwise on the CPU rollout's sampler.
+`reward.custom_reward_function`) come from the recipe; flags override them. Prompts are tokenised as training
+tokenises them (`prompt_token_ids`) and handed to the engine as token ids. Generation runs on vLLM where a GPU and
+vLLM are present, otherwise on the CPU rollout's sampler; each model is loaded once for all benchmarks and
+released before the next.
 """
 
 import argparse
@@ -74,37 +76,86 @@ def load_benchmark(path: str) -> list[dict]:
     return rows
 
 
-def generate_hf(model_path: str, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
-                batch_size: int, seed: int) -> list[list[str]]:
+def prompt_token_ids(tokenizer, rows: list[dict], chat_template_kwargs: dict | None = None,
+                     max_prompt_length: int | None = None) -> list[list[int]]:
+    """Each row's prompt tokenised exactly as training tokenises it.
+
+    verl's agent loop builds a rollout prompt with a Continuous Token builder (`build_initial_tokens`): every
+    text-only builder renders the first prompt with the base class's `_render_tokens`, the chat template applied
+    with `tokenize=True` (so no special token beyond the template's own: one BOS for R1-Distill), with
+    `data.apply_chat_template_kwargs`; the agent loop then keeps the last `rollout.prompt_length` tokens
+    (`verl/experimental/agent_loop/agent_loop.py`, verl 0.9.1). The base builder is used here: the model-specific
+    ones differ only in later turns, and verl 0.9.1's Qwen builder refuses R1-Distill's tokenizer (no
+    `<|im_end|>`, verl issue #7637). The ids go to the engine as they are: a text prompt would be tokenised again
+    and, for R1-Distill, get a second BOS.
+    """
+    from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder
+
+    builder = ContinuousTokenBuilder(tokenizer, chat_template_kwargs=dict(chat_template_kwargs or {}))
+    ids = [builder.build_initial_tokens(list(row["prompt"])) for row in rows]
+    return [prompt[-max_prompt_length:] if max_prompt_length else prompt for prompt in ids]
+
+
+class HfEngine:
     """n samples per prompt with the CPU rollout's sampler (the same code that serves training rollouts)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from erc_verl.platform.sampler import sample
+    def __init__(self, model_path: str, seed: int, max_model_len: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(seed)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    flat = [ids for ids in encoded for _ in range(n)]
-    texts = []
-    for start in range(0, len(flat), batch_size):
-        ids, _ = sample(
-            model, flat[start : start + batch_size], max_new_tokens=max_tokens, temperature=temperature, top_k=-1,
-            top_p=top_p, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
-        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int,
+                 batch_size: int) -> list[list[str]]:
+        from erc_verl.platform.sampler import sample
+
+        flat = [ids for ids in prompts for _ in range(n)]
+        texts = []
+        for start in range(0, len(flat), batch_size):
+            ids, _ = sample(
+                self.model, flat[start : start + batch_size], max_new_tokens=max_tokens, temperature=temperature,
+                top_k=-1, top_p=top_p, eos_token_ids=[self.tokenizer.eos_token_id],
+                pad_token_id=self.tokenizer.pad_token_id, generator=self.generator,
+            )
+            texts += self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        del self.model
 
 
-def generate_vllm(model_path: str, prompts: list[str], n: int, temperature: float, top_p: float, max_tokens: int,
-                  batch_size: int, seed: int) -> list[list[str]]:
-    from vllm import LLM, SamplingParams
+class VllmEngine:
+    """vLLM's offline `LLM`, given token ids; one per model, closed before the next loads."""
 
-    llm = LLM(model=model_path, seed=seed)
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    return [[o.text for o in out.outputs] for out in llm.generate(prompts, params)]
+    def __init__(self, model_path: str, seed: int, max_model_len: int):
+        from vllm import LLM
+
+        self.seed = seed
+        self.llm = LLM(model=model_path, seed=seed, max_model_len=max_model_len)
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float, max_tokens: int,
+                 batch_size: int) -> list[list[str]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=self.seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params)
+        return [[o.text for o in out.outputs] for out in outputs]  # decoded with skip_special_tokens, as training
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()  # vLLM V1: the engine-core process holds the weights and the KV cache
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def pick_backend(name: str):
@@ -114,26 +165,35 @@ def pick_backend(name: str):
         import torch
 
         name = "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
-    return {"hf": generate_hf, "vllm": generate_vllm}[name]
+    return {"hf": HfEngine, "vllm": VllmEngine}[name]
 
 
 def evaluate(models: dict[str, str], benchmarks: dict[str, str], score_fn, n: int, temperature: float,
              top_p: float, max_tokens: int, ks=DEFAULT_K, backend: str = "auto", batch_size: int = 64,
-             seed: int = 0) -> dict[str, dict[str, dict]]:
+             seed: int = 0, chat_template_kwargs: dict | None = None,
+             max_prompt_length: int | None = None) -> dict[str, dict[str, dict]]:
+    """avg@n and pass@k of every model on every benchmark; each model is loaded once, for all benchmarks."""
     from transformers import AutoTokenizer
 
-    generate = pick_backend(backend)
+    engine_cls = pick_backend(backend)
     data = {name: load_benchmark(path) for name, path in benchmarks.items()}
     results = {}
     for run, model_path in models.items():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        results[run] = {}
-        for bench, rows in data.items():
-            prompts = [tokenizer.apply_chat_template(list(r["prompt"]), add_generation_prompt=True, tokenize=False)
-                       for r in rows]
-            samples = generate(model_path, prompts, n, temperature, top_p, max_tokens, batch_size, seed)
-            correct = [[_is_correct(score_fn, row, text) for text in texts] for row, texts in zip(rows, samples)]
-            results[run][bench] = summarize(correct, ks)
+        prompts = {
+            bench: prompt_token_ids(tokenizer, rows, chat_template_kwargs, max_prompt_length)
+            for bench, rows in data.items()
+        }
+        longest_prompt = max(len(ids) for bench_prompts in prompts.values() for ids in bench_prompts)
+        engine = engine_cls(model_path, seed=seed, max_model_len=longest_prompt + max_tokens)
+        try:
+            results[run] = {}
+            for bench, rows in data.items():
+                samples = engine.generate(prompts[bench], n, temperature, top_p, max_tokens, batch_size)
+                correct = [[_is_correct(score_fn, row, text) for text in texts] for row, texts in zip(rows, samples)]
+                results[run][bench] = summarize(correct, ks)
+        finally:
+            engine.close()
     return results
 
 
@@ -201,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the paper's protocol (recipes/common/eval.yaml), unless the recipe has its own
     settings = OmegaConf.to_container(OmegaConf.load(recipes_dir() / "common" / EVAL_FRAGMENT).erc_verl.eval)
-    benchmarks, score_fn = {}, None
+    benchmarks, score_fn, chat_template_kwargs, max_prompt_length = {}, None, None, None
     if args.recipe:
         from verl.trainer.ppo.reward import get_custom_reward_fn
 
@@ -213,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         val_files = cfg.data.val_files
         benchmarks = _named([val_files] if isinstance(val_files, str) else list(val_files), "benchmark")
         score_fn = get_custom_reward_fn(cfg)
+        # the prompt as the recipe's training rollouts see it
+        template_kwargs = OmegaConf.select(cfg, "data.apply_chat_template_kwargs")
+        chat_template_kwargs = OmegaConf.to_container(template_kwargs, resolve=True) if template_kwargs else {}
+        max_prompt_length = OmegaConf.select(cfg, "actor_rollout_ref.rollout.prompt_length")
     for key in ("n", "temperature", "top_p", "max_response_length"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -232,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         models, benchmarks, score_fn, n=settings["n"], temperature=settings["temperature"], top_p=settings["top_p"],
         max_tokens=settings["max_response_length"],
         ks=[int(k) for k in args.k.split(",") if k], backend=args.backend, batch_size=args.batch_size, seed=args.seed,
+        chat_template_kwargs=chat_template_kwargs, max_prompt_length=max_prompt_length,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

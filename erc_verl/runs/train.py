@@ -105,10 +105,12 @@ def run(cfg) -> None:
     try:
         enable_erc(cfg)
         preflight.check_rollout_backend(cfg)
+        preflight.check_registry_names(cfg)
         preflight.check_reference_on_cpu(cfg)
         preflight.check_shared_paths(cfg)  # before the setup hook, which makes the CPU recipe's paths absolute
         call_hook(cfg, "setup")
         preflight.check_data_files(cfg)
+        preflight.check_models(cfg)
         preflight.check_attention(cfg)  # after the setup hook: it reads the model's head counts
     except (ErcConfigError, preflight.PreflightError) as err:
         raise SystemExit(f"erc-verl train: {err}") from None
