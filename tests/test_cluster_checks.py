@@ -9,6 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from erc_verl.core.config import ErcConfigError
 from erc_verl.runs import recipes, smoke
 from erc_verl.runs.preflight import SHARED_PATH_KEYS, PreflightError, check_shared_paths
 from erc_verl.runs.train import CLUSTER_START_ONLY, join_job_cluster
@@ -104,9 +105,12 @@ def test_explicit_address_is_kept_inside_a_job(monkeypatch):
     assert cfg.ray_kwargs.ray_init.address == "10.0.0.1:6379" and cfg.ray_kwargs.ray_init.num_cpus == 12
 
 
+# The paper recipes' official dynamic sampling (one generation batch per step) is a sync mode's: the async modes
+# sample as verl does, refilling until data.train_batch_size groups survive (launch/README.md: "Trainer modes").
+ASYNC = ["algorithm.filter_groups.max_num_gen_batches=0"]
 # trainer.v1.separate_async.parameter_sync_step = data.train_batch_size / actor.ppo_mini_batch_size (128 / 16),
-# plus a rollout pool of its own (launch/README.md: "Trainer modes")
-SEPARATE_ASYNC = ["trainer.v1.separate_async.parameter_sync_step=8", "trainer.nnodes=4",
+# plus a rollout pool of its own
+SEPARATE_ASYNC = [*ASYNC, "trainer.v1.separate_async.parameter_sync_step=8", "trainer.nnodes=4",
                   "actor_rollout_ref.rollout.nnodes=4", "actor_rollout_ref.rollout.n_gpus_per_node=8",
                   "actor_rollout_ref.rollout.checkpoint_engine.backend=nccl"]
 
@@ -123,15 +127,22 @@ def _verl_checks(cfg):
 
 
 @pytest.mark.parametrize("recipe", [PAPER, "erc_gppo_r1_distill_1p5b"])
-@pytest.mark.parametrize("mode, overrides", [("erc_sync", []), ("erc_colocate_async", []),
+@pytest.mark.parametrize("mode, overrides", [("erc_sync", []), ("erc_colocate_async", ASYNC),
                                              ("erc_separate_async", SEPARATE_ASYNC)])
 def test_trainer_modes_with_the_paper_recipes(recipe, mode, overrides):
     trainer = _verl_checks(recipes.compose(recipe, [f"trainer.v1.trainer_mode={mode}", *overrides]))
     assert trainer.trainer_mode == mode.removeprefix("erc_")
 
 
+@pytest.mark.parametrize("mode", ["erc_colocate_async", "erc_separate_async"])
+def test_async_modes_with_the_official_sampling_name_the_way_out(mode):
+    with pytest.raises(ErcConfigError, match=rf"^trainer.v1.trainer_mode='{mode}': .*max_num_gen_batches=1 .*is a "
+                                             r"sync mode; use .*erc_sync, or .*max_num_gen_batches=0"):
+        recipes.compose(PAPER, [f"trainer.v1.trainer_mode={mode}"])
+
+
 def test_separate_async_needs_the_sync_step_of_the_batch():
-    cfg = recipes.compose(PAPER, ["trainer.v1.trainer_mode=erc_separate_async"])
+    cfg = recipes.compose(PAPER, ["trainer.v1.trainer_mode=erc_separate_async", *ASYNC])
     with pytest.raises(AssertionError, match="train_batch_size must equal parameter_sync_step"):
         _verl_checks(cfg)
 
