@@ -58,7 +58,8 @@ def test_bad_data_is_named(tmp_path, make_val, match):
 
 def test_train_cli_names_the_missing_file(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "erc_verl", "train", "erc_dapo_r1_distill_1p5b"],
+        # one node: relative checkpoint / hub model paths are fine there (tests/test_cluster_checks.py: several)
+        [sys.executable, "-m", "erc_verl", "train", "erc_dapo_r1_distill_1p5b", "trainer.nnodes=1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "ERC_VERL_DATA_DIR": str(tmp_path)},
     )
     assert result.returncode != 0

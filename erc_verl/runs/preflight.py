@@ -7,6 +7,7 @@ Registry names are read from verl's registries, so names that plugins register c
 
 import json
 import os
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,6 +131,44 @@ def check_reference_on_cpu(cfg: DictConfig) -> None:
             "actor_rollout_ref.actor.use_kl_loss / algorithm.use_kl_in_reward: a reference model cannot run "
             "without an accelerator (verl pins its offloaded memory); set both to false on this machine"
         )
+
+
+# What ranks on every node open: with trainer.nnodes > 1 each must be the same file everywhere
+SHARED_PATH_KEYS = {
+    "trainer.default_local_dir": "each rank would write its checkpoint shards on its own node, and "
+    "trainer.resume_mode=auto would find no checkpoint to resume from",
+    "erc_verl.metrics_file": "the trainer would write it on whichever node runs it",
+    "data.train_files": "every node would need its own copy",
+    "data.val_files": "every node would need its own copy",
+    "actor_rollout_ref.model.path": "every node would need its own copy",
+}
+MODEL_KEY = "actor_rollout_ref.model.path"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def check_shared_paths(cfg: DictConfig, environ=os.environ) -> None:
+    """With `trainer.nnodes > 1`, checkpoints, data and the model must be on storage every node sees: a relative
+    path resolves on each node's own disk, and a Hugging Face hub id makes every node download the model."""
+    nnodes = _select(cfg, "trainer.nnodes", 1) or 1
+    if nnodes <= 1:
+        return
+    for key, consequence in SHARED_PATH_KEYS.items():
+        for path in map(str, _local_files(_select(cfg, key))):
+            if os.path.isabs(os.path.expanduser(path)):
+                continue
+            if key == MODEL_KEY and _HUB_ID.fullmatch(path) and not os.path.exists(path):
+                if environ.get("HF_HUB_OFFLINE") == "1":
+                    continue  # read from a pre-filled shared HF_HOME, never downloaded
+                raise PreflightError(
+                    f"{key}={path}: a Hugging Face hub id with trainer.nnodes={nnodes} makes every node download "
+                    f"the model. Download it once to shared storage (hf download {path} --local-dir "
+                    f"/shared/models/NAME) and set {key}=/shared/models/NAME, or fill a shared HF_HOME and set "
+                    "HF_HUB_OFFLINE=1 (erc-verl submit --env HF_HOME=... --env HF_HUB_OFFLINE=1)"
+                )
+            raise PreflightError(
+                f"{key}={path}: a relative path with trainer.nnodes={nnodes} resolves on each node's own disk "
+                f"({consequence}). Give an absolute path on storage every node mounts (README: Run on a GPU cluster)"
+            )
 
 
 def _one_line(err: BaseException) -> str:

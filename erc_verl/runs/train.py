@@ -11,6 +11,7 @@ e.g. to build a local model and data) and `report` (called after it, e.g. to plo
 """
 
 import importlib
+import json
 import os
 import sys
 
@@ -58,6 +59,37 @@ def call_hook(cfg, name: str):
     return getattr(importlib.import_module(module), function)(cfg)
 
 
+# ray.init arguments that only apply when it starts a cluster (it rejects most of them when joining one)
+CLUSTER_START_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
+                      "_temp_dir", "include_dashboard", "dashboard_host", "dashboard_port")
+
+
+def join_job_cluster(cfg) -> None:
+    """Inside a Ray job (`erc-verl submit`), train on the job's cluster.
+
+    `ray_kwargs.ray_init.address: local` (the CPU recipe: a cluster owned by the run) applies only to runs started
+    outside one; inside a job it would start a second cluster, whose workers cannot fetch the job's working_dir.
+    """
+    from omegaconf import OmegaConf, open_dict
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_config = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    ray_init = cfg.ray_kwargs.ray_init
+    if job_config is None or ray_init.get("address") not in (None, "local", "auto"):
+        return
+    job_env = json.loads(job_config).get("runtime_env", {}).get("env_vars", {})
+    # Ray refuses a variable set both by the job and by ray.init: the job's (`submit --env`) wins
+    env_vars = {k: v for k, v in (OmegaConf.select(ray_init, "runtime_env.env_vars") or {}).items() if k not in job_env}
+    if "VERL_FILE_LOGGER_PATH" in os.environ:  # set by run(); the job's workers do not inherit the driver's env
+        env_vars["VERL_FILE_LOGGER_PATH"] = os.environ["VERL_FILE_LOGGER_PATH"]
+    with open_dict(cfg):
+        ray_init.address = None  # ray.init joins RAY_ADDRESS, which the job supervisor sets
+        for key in CLUSTER_START_ONLY:
+            ray_init.pop(key, None)
+        OmegaConf.update(ray_init, "runtime_env.env_vars", env_vars, merge=False, force_add=True)
+    print(f"erc-verl train: in a Ray job: joining its cluster at {os.environ.get('RAY_ADDRESS')}", flush=True)
+
+
 def run(cfg) -> None:
     """Check, set up and run one configuration (what `main_ppo.main` does, plus erc-verl's start-up work)."""
     from omegaconf import OmegaConf
@@ -75,6 +107,7 @@ def run(cfg) -> None:
         preflight.check_rollout_backend(cfg)
         preflight.check_registry_names(cfg)
         preflight.check_reference_on_cpu(cfg)
+        preflight.check_shared_paths(cfg)  # before the setup hook, which makes the CPU recipe's paths absolute
         call_hook(cfg, "setup")
         preflight.check_data_files(cfg)
         preflight.check_models(cfg)
@@ -87,6 +120,7 @@ def run(cfg) -> None:
     if metrics_file:
         # verl's file logger writes this attempt's rows; erc_verl.runs.metrics keeps the run's file whole
         os.environ["VERL_FILE_LOGGER_PATH"] = metrics.start(cfg, metrics_file)
+    join_job_cluster(cfg)
     try:
         if cfg.trainer.use_v1:
             run_ppo(cfg, task_runner_class=TaskRunnerV1)
