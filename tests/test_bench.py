@@ -83,3 +83,15 @@ def test_bench_e2e_pipeline(tmp_path):
     assert result["sample_alone"]["batch"] == 128 and result["sample_alone"]["tokens_per_s"] > 0
     assert result["alone_over_pipeline"] == pytest.approx(
         result["sample_alone"]["tokens_per_s"] / row["gen_tokens_per_s"])
+
+
+def test_fuzz_reward(tmp_path):
+    from erc_verl.reward.judge import REASONS
+
+    result = run_quick("fuzz_reward", tmp_path)  # exits non-zero on a crash or a response past its deadline
+    total = result["rows"][-1]
+    assert total["category"] == "all" and total["n"] == 200
+    assert total["crashes"] == 0 and total["past_deadline"] == 0
+    assert {r["category"] for r in result["rows"][:-1]} >= {"brackets", "one_megabyte", "tower", "empty_like"}
+    assert set(result["reasons"]) <= set(REASONS) | {"verdict"} and sum(result["reasons"].values()) == 200
+    assert result["replacements"] >= 0 and total["max_ms"] > 0

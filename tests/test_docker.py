@@ -4,6 +4,7 @@ context, the package installed is this repository's, and the pins match what the
 import importlib.metadata
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -161,3 +162,25 @@ def test_cpu_image_runs_the_embedded_default_on_cpu_torch():
     assert [args for kw, args in steps if kw == "CMD"][-1] == '["erc-verl", "train"]'
     recipe = f"recipes/{DEFAULT_CPU_RECIPE}.yaml"
     assert (REPO_ROOT / recipe).is_file() and not ignored(recipe)
+
+
+def _docker_run_commands(text: str) -> list[list[str]]:
+    """Every documented `docker run` command (in comments or code blocks), continuation lines joined."""
+    lines = [re.sub(r"^\s*#\s?", "", line) for line in text.splitlines()]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [shlex.split(m) for m in re.findall(r"docker run [^\n]*launch/start_ray_\S+", joined)]
+
+
+@pytest.mark.parametrize("doc", ["docker/Dockerfile.gpu", "launch/README.md"])
+def test_documented_gpu_node_run_has_what_nccl_needs(doc):
+    text = (REPO_ROOT / doc).read_text()
+    commands = _docker_run_commands(text)
+    assert commands, f"{doc}: no `docker run ... launch/start_ray_*.sh` command"
+    for argv in commands:
+        flags = " ".join(argv)
+        # GPUs; the nodes' Ray and NCCL ports and shared memory; the verbs devices, and pinned memory for them
+        for needed in ("--gpus all", "--net=host", "--ipc=host", "--device=/dev/infiniband", "--cap-add=IPC_LOCK",
+                       "--ulimit memlock=-1"):
+            assert needed in flags, (doc, needed, flags)
+    # the image's CUDA 13 needs the R580 driver series or newer, and the documents say so
+    assert re.search(r"R580 or newer", text), doc

@@ -31,24 +31,24 @@ def _jagged(rows):
     return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
 
 
-def _micro_batch(seed=0):
+def _micro_batch(seed=0, prompt_lens=PROMPT_LENS, response_lens=RESPONSE_LENS, batch_num_tokens=None, dp_size=1):
     """(model_output, data, per-response padded views) in verl 0.9.1's no-padding layout."""
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = [p + r for p, r in zip(PROMPT_LENS, RESPONSE_LENS)]
+    seq_lens = [p + r for p, r in zip(prompt_lens, response_lens)]
     # model outputs over whole sequences; position t predicts token t+1, so response token j of a sample is
     # read at position prompt_len + j - 1
     full_log_probs = [-torch.rand(n, generator=gen, dtype=torch.float64) for n in seq_lens]
     full_entropy = [torch.rand(n, generator=gen, dtype=torch.float64) + 0.5 for n in seq_lens]
-    cur_entropy = [e[p - 1 : p - 1 + r] for e, p, r in zip(full_entropy, PROMPT_LENS, RESPONSE_LENS)]
+    cur_entropy = [e[p - 1 : p - 1 + r] for e, p, r in zip(full_entropy, prompt_lens, response_lens)]
     # old entropy: every second response token moves by 10% (outside a 5% band), the rest by 1%
     old_entropy = [
         torch.stack([c[j] * (1.1 if j % 2 else 1.01) for j in range(len(c))]) for c in cur_entropy
     ]
     old_log_probs = [
         lp[p - 1 : p - 1 + r] + 0.05 * torch.randn(r, generator=gen, dtype=torch.float64)
-        for lp, p, r in zip(full_log_probs, PROMPT_LENS, RESPONSE_LENS)
+        for lp, p, r in zip(full_log_probs, prompt_lens, response_lens)
     ]
-    advantages = [torch.randn(1, generator=gen, dtype=torch.float64).expand(r).clone() for r in RESPONSE_LENS]
+    advantages = [torch.randn(1, generator=gen, dtype=torch.float64).expand(r).clone() for r in response_lens]
 
     log_probs_values = torch.cat(full_log_probs).requires_grad_(True)
     offsets = torch.tensor([0] + seq_lens).cumsum(0)
@@ -58,14 +58,15 @@ def _micro_batch(seed=0):
     }
     data = tu.get_tensordict(
         tensor_dict={
-            "prompts": _jagged([torch.ones(p, dtype=torch.long) for p in PROMPT_LENS]),
-            "responses": _jagged([torch.ones(r, dtype=torch.long) for r in RESPONSE_LENS]),
-            "response_mask": _jagged([torch.ones(r, dtype=torch.long) for r in RESPONSE_LENS]),
+            "prompts": _jagged([torch.ones(p, dtype=torch.long) for p in prompt_lens]),
+            "responses": _jagged([torch.ones(r, dtype=torch.long) for r in response_lens]),
+            "response_mask": _jagged([torch.ones(r, dtype=torch.long) for r in response_lens]),
             "old_log_probs": _jagged(old_log_probs),
             "advantages": _jagged(advantages),
             "entropy": _jagged(old_entropy),
         },
-        non_tensor_dict={"dp_size": 1, "batch_num_tokens": sum(RESPONSE_LENS), "global_batch_size": 3},
+        non_tensor_dict={"dp_size": dp_size, "batch_num_tokens": batch_num_tokens or sum(response_lens),
+                         "global_batch_size": 3},
     )
     return model_output, data, log_probs_values
 
@@ -108,6 +109,37 @@ def test_erc_receives_both_entropies_aligned_with_log_prob():
 
     # The current entropy is a mask only: with entropy_coeff 0 nothing is backpropagated into it.
     assert model_output["entropy"].values().grad is None
+
+
+def test_erc_metrics_are_the_mini_batchs_however_it_is_split():
+    """Micro-batches of unequal size on two ranks give the mini-batch's token fractions (as verl's pg_loss), not
+    verl's mean of micro-batch values."""
+    from verl.utils.metric import Metric
+
+    config = actor_config(*ERC_OVERRIDES)
+    # two ranks, two micro-batches each (as verl's dynamic batch size balances them), of 1 + 6 and 3 + 2 response
+    # tokens; every odd response token is dropped
+    ranks = [[([3], [1]), ([2], [6])], [([4], [3]), ([2], [2])]]
+    total = sum(r for micro_batches in ranks for _, (r,) in micro_batches)
+    dropped = sum(r // 2 for micro_batches in ranks for _, (r,) in micro_batches)
+    keys = ("actor/erc_clipfrac", "actor/erc_clipfrac_low", "actor/entropy_ratio_min", "actor/entropy_ratio_max")
+    per_rank = []
+    for micro_batches in ranks:
+        collected = {}
+        for prompt_lens, response_lens in micro_batches:
+            model_output, data, _ = _micro_batch(0, prompt_lens, response_lens, batch_num_tokens=total, dp_size=2)
+            metrics = entropy_aware_ppo_loss(config, model_output, data)[1]
+            for key in keys:
+                collected.setdefault(key, metrics[key].init_list()).append(metrics[key])  # as verl's engine does
+        per_rank.append(collected)
+    values = {key: Metric.aggregate_dp([rank[key] for rank in per_rank]) for key in keys}  # verl's reduction
+    assert values["actor/erc_clipfrac"] == pytest.approx(dropped / total)
+    assert values["actor/erc_clipfrac_low"] == pytest.approx(dropped / total)
+    # what verl's mean of micro-batch values would report: 1/3, not 5/12
+    mean_of_micro_batches = sum(r // 2 / r for micro_batches in ranks for _, (r,) in micro_batches) / 4
+    assert abs(mean_of_micro_batches - dropped / total) > 0.05
+    assert values["actor/entropy_ratio_min"] == pytest.approx(1 / 1.1)
+    assert values["actor/entropy_ratio_max"] == pytest.approx(1 / 1.01)
 
 
 def test_same_loss_as_direct_call_with_padded_entropies():

@@ -4,9 +4,11 @@ import json
 
 import pytest
 
+from erc_verl.reward import judge
 from erc_verl.reward.judge import PRED_MAX_CHARS, REASONS, MathRewardConfig, score_in_process
 from erc_verl.reward.math_verify_score import compute_score
 from tests import TEST_DATA
+from tests.test_reward_deadline import spin_until_interrupted
 
 KEYS = {"score", "acc", "pred", "reason"}
 
@@ -117,9 +119,17 @@ def test_guards_leave_big_but_real_answers_alone():
     assert score_in_process(boxed(r"\left\{ \frac{1}{\sqrt{2^{3}}} \right\}"), r"\{\frac{\sqrt{2}}{4}\}")["acc"]
 
 
-def test_soft_deadline_reports_timeout():
-    # bare braces nested 10 deep (under the depth guard) cost math-verify ~0.5 s: far past a 10 ms deadline.
-    # Used by no other test: math-verify caches parses within a process.
+def test_soft_deadline_reports_timeout(monkeypatch):
+    # math-verify's parse replaced by Python code that only the deadline can end: the outcome does not depend on
+    # how fast the machine is or where the timer's signal lands
+    monkeypatch.setattr(judge, "parse", lambda *args, **kwargs: [spin_until_interrupted()])
+    cfg = MathRewardConfig(parse_timeout_s=0.01)
+    assert score_in_process(boxed("17"), "5", cfg)["reason"] == "timeout"
+
+
+def test_soft_deadline_interrupts_math_verify():
+    # bare braces nested 10 deep (under the depth guard) cost math-verify ~0.5 s of parsing, 50x the deadline (a
+    # busy machine only makes it slower). Used by no other test: math-verify caches parses within a process.
     cfg = MathRewardConfig(parse_timeout_s=0.01)
     assert score_in_process(boxed("{" * 10 + "17" + "}" * 10), "5", cfg)["reason"] == "timeout"
 

@@ -1,6 +1,7 @@
 """`erc-verl submit` / `jobs` without a cluster: job spec, recipe check, address and token handling, errors."""
 
 import http.server
+import json
 import os
 import shlex
 import shutil
@@ -100,6 +101,20 @@ def test_ray_package_of_the_repo_leaves_out_excluded_files(tmp_path):
     assert not any(part in n for n in names for part in ("checkpoints", ".parquet", ".venv", "outputs"))
 
 
+def test_the_checkouts_package_holds_every_tracked_module_and_recipe(tmp_path):
+    """What Ray uploads from this checkout (its .gitignore honoured, as Ray does by default) is the whole package."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    create_package(str(REPO_ROOT), tmp_path / "pkg.zip", include_gitignore=True, excludes=submit.WORKING_DIR_EXCLUDES)
+    names = set(zipfile.ZipFile(tmp_path / "pkg.zip").namelist())
+    tracked = subprocess.run(["git", "ls-files", "erc_verl", "recipes"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked and "erc_verl/runs/train.py" in tracked
+    assert not [f for f in tracked if f not in names], "tracked files left out of the job's working_dir"
+
+
 def test_env_flag_forwards_local_values():
     assert submit.parse_env(["A=1", "B", "C=x=y"], environ={"B": "from-local"}) == {
         "A": "1",
@@ -124,22 +139,58 @@ def test_address_from_environment():
         submit.resolve_address(None, environ={})
 
 
-def test_token_sources_in_rays_order(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+# In a fresh process (Ray reads the token once): the flags through use_token_flags, then Ray's own loader.
+_TOKEN_SENT = r"""
+import json, os, sys
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+from ray._private.authentication_test_utils import reset_auth_token_state
+from erc_verl.runs.submit import use_token_flags
+sent = []
+for token, token_file, env in json.loads(sys.argv[1]):
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        os.environ.pop(var, None)
+    os.environ.update(env)
+    use_token_flags(token, token_file)
+    reset_auth_token_state()
+    try:
+        sent.append(get_auth_headers_if_auth_enabled({}).get("authorization"))
+    except Exception as err:
+        sent.append(type(err).__name__)
+print(json.dumps(sent))
+"""
+
+
+def test_token_sources_in_rays_order(tmp_path):
     f = tmp_path / "tok"
     f.write_text("from-file\n")
-    assert submit.resolve_auth_token("flag", str(f), environ={"RAY_AUTH_TOKEN": "env"}) == "flag"
-    assert submit.resolve_auth_token(None, str(f), environ={"RAY_AUTH_TOKEN": "env"}) == "from-file"
-    assert submit.resolve_auth_token(None, None, environ={"RAY_AUTH_TOKEN": "env"}) == "env"
-    assert submit.resolve_auth_token(None, None, environ={"RAY_AUTH_TOKEN_PATH": str(f)}) == "from-file"
-    # No token asked for: nothing sent (a token is not leaked to clusters that do not want one).
-    assert submit.resolve_auth_token(None, None, environ={}) is None
-    with pytest.raises(submit.SubmitError, match="ray get-auth-token") as e:
-        submit.resolve_auth_token(None, None, environ={"RAY_AUTH_MODE": "token"})  # no ~/.ray/auth_token here
-    assert e.value.code == submit.EXIT_CLUSTER
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("home-token")
-    assert submit.resolve_auth_token(None, None, environ={"RAY_AUTH_MODE": "token"}) == "home-token"
+    empty_home, home = tmp_path / "empty", tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("home-token")
+    cases = [
+        ("flag", str(f), {"RAY_AUTH_TOKEN": "env"}),  # the flags win over the environment
+        (None, str(f), {"RAY_AUTH_TOKEN": "env"}),
+        (None, None, {"RAY_AUTH_TOKEN": "env"}),  # a token given means token mode
+        (None, None, {"RAY_AUTH_TOKEN_PATH": str(f)}),
+        (None, None, {"HOME": str(home)}),  # no token asked for: none sent (not leaked to clusters without auth)
+        (None, None, {"RAY_AUTH_MODE": "token", "HOME": str(empty_home)}),
+        (None, None, {"RAY_AUTH_MODE": "token", "HOME": str(home)}),
+    ]
+    r = subprocess.run([sys.executable, "-c", _TOKEN_SENT, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [
+        "Bearer flag", "Bearer from-file", "Bearer env", "Bearer from-file", None, "AuthenticationError",
+        "Bearer home-token",
+    ]
+
+
+def test_token_mode_without_a_token_says_what_to_set():
+    from ray.exceptions import AuthenticationError
+
+    # what the job SDK raises when RAY_AUTH_MODE=token finds no token (the case above)
+    with pytest.raises(submit.SubmitError, match="ray get-auth-token") as e, submit.cluster_errors("http://h:8265"):
+        raise AuthenticationError("Token authentication is enabled but Ray couldn't find an authentication token.")
+    assert e.value.code == submit.EXIT_CLUSTER and "requires an auth token" in str(e.value)
 
 
 def _free_port() -> int:
@@ -160,23 +211,79 @@ def test_unresolvable_host_is_a_clear_cluster_error(capsys):
     assert "cannot resolve" in capsys.readouterr().err
 
 
-def test_a_server_that_is_not_the_job_api(capsys):
-    class NotRay(http.server.BaseHTTPRequestHandler):
+def _serve(answers: dict[str, tuple[int, str]]):
+    """An HTTP server on loopback answering GET path -> (status, body); 404 elsewhere."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(404)
+            status, body = answers.get(self.path, (404, ""))
+            self.send_response(status)
             self.end_headers()
+            self.wfile.write(body.encode())
 
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), NotRay)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_server_that_is_not_the_job_api(capsys):
+    server = _serve({})
     try:
         rc = submit.jobs_main(["list", "--address", f"http://127.0.0.1:{server.server_port}"])
     finally:
         server.shutdown()
     assert rc == submit.EXIT_CLUSTER
     assert "not a Ray job API" in capsys.readouterr().err
+
+
+def test_cluster_with_token_auth_and_no_local_token(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    server = _serve({"/api/authentication_mode": (200, '{"authentication_mode": "token"}')})
+    try:
+        rc = submit.jobs_main(["list", "--address", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    assert rc == submit.EXIT_CLUSTER
+    err = capsys.readouterr().err
+    assert "requires an auth token" in err and "RAY_AUTH_MODE=token" in err and "ray get-auth-token" in err
+
+
+def test_a_silent_server_times_out(capsys):
+    with socket.socket() as listener:  # accepts connections (the kernel's backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        rc = submit.jobs_main(["list", "--connect-timeout", "1", "--address", address])
+    assert rc == submit.EXIT_CLUSTER
+    assert "sent no HTTP answer in 1s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["status"], ["list", "raysubmit_x"], ["restart", "raysubmit_x"]])
+def test_jobs_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        submit.jobs_main([*argv, "--address", "http://127.0.0.1:1"])
+    assert e.value.code == submit.EXIT_USAGE
+
+
+def test_several_nodes_with_unshared_paths_stop_before_upload(capsys, monkeypatch):
+    for var in ("ERC_VERL_DATA_DIR", "ERC_VERL_CKPT_DIR", "ERC_VERL_MODEL_1P5B"):
+        monkeypatch.delenv(var, raising=False)
+    # Port 1 on loopback: a check that passed would go on to connect, and say it cannot reach the head.
+    argv = ["erc_gppo_r1_distill_1p5b", "trainer.nnodes=2", "--address", "http://127.0.0.1:1"]
+    assert submit.submit_main(argv) == submit.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "trainer.default_local_dir=checkpoints/erc_verl/erc_gppo_r1_distill_1p5b: a relative path" in err
+    # the job's environment (`--env`) is the one the paths resolve in
+    shared = ["--env", "ERC_VERL_DATA_DIR=/s/data", "--env", "ERC_VERL_CKPT_DIR=/s/ckpt", "--env", "HF_HUB_OFFLINE=1"]
+    assert submit.submit_main(argv + shared) == submit.EXIT_CLUSTER
+    assert "cannot reach the Ray head" in capsys.readouterr().err
+    # a bad override fails here too, not on the cluster
+    bad = ["erc_gppo_r1_distill_1p5b", "trainer.no_such_key=1", "--address", "http://127.0.0.1:1"]
+    assert submit.submit_main(bad) == submit.EXIT_USAGE
+    assert "no_such_key" in capsys.readouterr().err
 
 
 def test_cli_dispatches_to_submit_and_jobs(capsys):

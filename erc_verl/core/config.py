@@ -198,7 +198,10 @@ def check_official_sampling(cfg: DictConfig) -> None:
         raise ErcConfigError(f"{FILTER_GROUPS_KEY}.metric must be set when group filtering is enabled")
     mode = _select(cfg, "trainer.v1.trainer_mode", "sync")
     if mode not in ("sync", ERC_PREFIX + "sync"):
-        raise ErcConfigError(f"trainer.v1.trainer_mode={mode!r}: {why} (official dynamic sampling) is a sync mode")
+        raise ErcConfigError(
+            f"trainer.v1.trainer_mode={mode!r}: {why} (official dynamic sampling) is a sync mode; use "
+            f"trainer.v1.trainer_mode=erc_sync, or {FILTER_GROUPS_KEY}.max_num_gen_batches=0 (verl's own sampling)"
+        )
     if _select(cfg, "trainer.v1.sync.parameter_sync_step", 1) != 1:
         raise ErcConfigError(
             f"trainer.v1.sync.parameter_sync_step={_select(cfg, 'trainer.v1.sync.parameter_sync_step')!r}: "

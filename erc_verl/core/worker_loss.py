@@ -44,6 +44,12 @@ _EXTREME_METRICS = {
     "actor/entropy_ratio_min": AggregationType.MIN,
     "actor/entropy_ratio_max": AggregationType.MAX,
 }
+# ERC metrics over response tokens, reported as the mini-batch's (each micro-batch's value weighted by its share of
+# the mini-batch's tokens and summed, as verl's pg_loss), not as verl's mean of micro-batch values: the same figures
+# however dynamic batch size and data parallelism split the mini-batch. Exact for the fractions; for the mean ratio
+# while every ratio is finite (actor/erc_nonfinite_frac = 0).
+_TOKEN_WEIGHTED_METRICS = ("actor/erc_clipfrac", "actor/erc_clipfrac_low", "actor/erc_clipfrac_high",
+                           "actor/erc_nonfinite_frac", "actor/entropy_ratio_mean")
 POSITIVE_NLL_METRIC = "actor/positive_nll"
 # set on each actor mini-batch by erc_verl.core.workers (summed over data-parallel ranks), read by positive_nll
 POSITIVE_NUM_TOKENS = "erc_positive_num_tokens"
@@ -98,7 +104,17 @@ def entropy_aware_ppo_loss(config, model_output, data, dp_group=None):
             extreme = Metric(aggregation=aggregation)
             extreme.extend(metrics[key].values)
             metrics[key] = extreme
+    if data["batch_num_tokens"]:  # the mini-batch's tokens over all ranks: verl's engine sets it on each micro-batch
+        share = response_tokens(data) / data["batch_num_tokens"] * data["dp_size"]
+        for key in _TOKEN_WEIGHTED_METRICS:
+            if key in metrics:
+                metrics[key] = Metric(aggregation=AggregationType.SUM, value=metrics[key].aggregate() * share)
     return loss, metrics
+
+
+def response_tokens(data) -> int:
+    """The number of response tokens in a (micro-)batch."""
+    return int(data.select("response_mask").to_padded_tensor()["response_mask"].sum())
 
 
 def positive_response_mask(data, positive_reward: float) -> torch.Tensor:

@@ -16,8 +16,8 @@ stacks each key across the batch from the first item's keys). `reason` is "" for
 REASONS, so failure kinds can be counted in metrics.
 
 Robustness: math-verify's own timeouts use SIGALRM and only work in a main thread. The judging here sits behind
-cheap structural limits (guards.py; the official rules keep only the one after parsing) and soft deadlines (an
-interval timer in the worker's main thread: no process restart); the pool (pool.py, driven by
+cheap structural limits (guards.py; the official rules keep only the one after parsing) and soft deadlines (a
+repeating interval timer in the worker's main thread: no process restart); the pool (pool.py, driven by
 math_verify_score.py) adds a hard per-item deadline, so any input whatsoever yields a result within the deadline
 and nothing raises.
 """
@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import lru_cache
 
 from math_verify import parse, verify
@@ -228,27 +228,51 @@ class _Deadline(BaseException):
     math-verify its own TimeoutException) and would turn it into a silent 'incorrect'."""
 
 
-@contextmanager
-def _soft_deadline(seconds: float | None):
-    """Interrupt the block after `seconds` (SIGALRM interval timer). Only possible in a main thread; elsewhere
-    the block runs unbounded and the pool's hard deadline is what bounds it."""
-    if seconds is None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    armed = True
+# After the first expiry the timer fires again every this many seconds (or the deadline, if shorter) until the
+# block exits: a raise that lands where Python swallows exceptions (a __del__, a weakref or GC callback, C code
+# that clears errors) is repeated instead of lost.
+SOFT_DEADLINE_REPEAT_S = 0.1
 
-    def expire(signum, frame):
-        if armed:  # the timer may fire between the block's end and its cancellation below
+
+class _SoftDeadline:
+    """Interrupt the block after `seconds` by raising `_Deadline` from a repeating SIGALRM interval timer, in
+    the main thread only. `expiries` counts the timer's firings (tests check that a swallowed raise repeats)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expiries = 0
+        self._active = False
+        self._previous = None
+
+    def __enter__(self) -> "_SoftDeadline":
+        self._previous = signal.signal(signal.SIGALRM, self._expire)
+        self._active = True
+        signal.setitimer(signal.ITIMER_REAL, self.seconds, min(self.seconds, SOFT_DEADLINE_REPEAT_S))
+        return self
+
+    def _expire(self, signum, frame) -> None:
+        self.expiries += 1
+        # Never raise inside __enter__/__exit__ themselves: a raise there would escape the with statement with
+        # the timer still armed. A firing skipped there either repeats inside the block or no longer matters.
+        if self._active and (frame is None or frame.f_code not in _SOFT_DEADLINE_OWN_CODE):
             raise _Deadline
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        armed = False
+    def __exit__(self, *exc_info) -> bool:
+        self._active = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGALRM, self._previous)
+        return False
+
+
+_SOFT_DEADLINE_OWN_CODE = frozenset((_SoftDeadline.__enter__.__code__, _SoftDeadline.__exit__.__code__))
+
+
+def _soft_deadline(seconds: float | None):
+    """A `_SoftDeadline` where one is possible; elsewhere (no deadline, or not the main thread: signals only
+    reach the main thread) a no-op, and the pool's hard deadline is what bounds the block."""
+    if seconds is None or threading.current_thread() is not threading.main_thread():
+        return nullcontext()
+    return _SoftDeadline(seconds)
 
 
 def _parse_answer(text: str, inline_math_retry: bool) -> list:

@@ -2,10 +2,12 @@
 
 `erc-verl train` runs them in the driver before Ray starts; each failure is one `PreflightError` naming the key,
 the bad value and what is allowed. (ERC's and GPPO's own settings are checked by `erc_verl.core.config`.)
+Registry names are read from verl's registries, so names that plugins register count.
 """
 
 import json
 import os
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -129,3 +131,251 @@ def check_reference_on_cpu(cfg: DictConfig) -> None:
             "actor_rollout_ref.actor.use_kl_loss / algorithm.use_kl_in_reward: a reference model cannot run "
             "without an accelerator (verl pins its offloaded memory); set both to false on this machine"
         )
+
+
+# What ranks on every node open: with trainer.nnodes > 1 each must be the same file everywhere
+SHARED_PATH_KEYS = {
+    "trainer.default_local_dir": "each rank would write its checkpoint shards on its own node, and "
+    "trainer.resume_mode=auto would find no checkpoint to resume from",
+    "erc_verl.metrics_file": "the trainer would write it on whichever node runs it",
+    "data.train_files": "every node would need its own copy",
+    "data.val_files": "every node would need its own copy",
+    "actor_rollout_ref.model.path": "every node would need its own copy",
+}
+MODEL_KEY = "actor_rollout_ref.model.path"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def check_shared_paths(cfg: DictConfig, environ=os.environ) -> None:
+    """With `trainer.nnodes > 1`, checkpoints, data and the model must be on storage every node sees: a relative
+    path resolves on each node's own disk, and a Hugging Face hub id makes every node download the model."""
+    nnodes = _select(cfg, "trainer.nnodes", 1) or 1
+    if nnodes <= 1:
+        return
+    for key, consequence in SHARED_PATH_KEYS.items():
+        for path in map(str, _local_files(_select(cfg, key))):
+            if os.path.isabs(os.path.expanduser(path)):
+                continue
+            if key == MODEL_KEY and _HUB_ID.fullmatch(path) and not os.path.exists(path):
+                if environ.get("HF_HUB_OFFLINE") == "1":
+                    continue  # read from a pre-filled shared HF_HOME, never downloaded
+                raise PreflightError(
+                    f"{key}={path}: a Hugging Face hub id with trainer.nnodes={nnodes} makes every node download "
+                    f"the model. Download it once to shared storage (hf download {path} --local-dir "
+                    f"/shared/models/NAME) and set {key}=/shared/models/NAME, or fill a shared HF_HOME and set "
+                    "HF_HUB_OFFLINE=1 (erc-verl submit --env HF_HOME=... --env HF_HUB_OFFLINE=1)"
+                )
+            raise PreflightError(
+                f"{key}={path}: a relative path with trainer.nnodes={nnodes} resolves on each node's own disk "
+                f"({consequence}). Give an absolute path on storage every node mounts (README: Run on a GPU cluster)"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception and the one that caused it, as one line."""
+    text = f"{type(err).__name__}: {err}"
+    if err.__cause__ is not None:
+        text += f" <- {type(err.__cause__).__name__}: {err.__cause__}"
+    return " ".join(text.split())
+
+
+def _require_registered(key: str, value, kind: str, registered) -> None:
+    names = sorted(str(name) for name in registered)
+    if value not in names:
+        raise PreflightError(f"{key}={value!r}: no {kind} of that name is registered; choices: {', '.join(names)}")
+
+
+def _check_loss_and_estimator(cfg: DictConfig) -> None:
+    from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+
+    key = "actor_rollout_ref.actor.policy_loss.loss_mode"
+    _require_registered(key, _select(cfg, key), "policy loss", POLICY_LOSS_REGISTRY)
+    estimator = _select(cfg, "algorithm.adv_estimator")
+    estimator = getattr(estimator, "value", estimator)  # an AdvantageEstimator member, from Python callers
+    _require_registered("algorithm.adv_estimator", estimator, "advantage estimator", ADV_ESTIMATOR_REGISTRY)
+
+
+def _check_rollout_name(cfg: DictConfig, prefix: str) -> None:
+    """A rollout backend needs both an adapter (`_ROLLOUT_REGISTRY[(name, mode)]`, in the workers) and a replica
+    (`RolloutReplicaRegistry`, the servers)."""
+    from verl.workers.rollout.base import _ROLLOUT_REGISTRY
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    name, mode = _select(cfg, f"{prefix}.name"), _select(cfg, f"{prefix}.mode", "async")
+    replicas = RolloutReplicaRegistry._registry
+    if any(registered == name for registered, _ in _ROLLOUT_REGISTRY) and (name, mode) not in _ROLLOUT_REGISTRY:
+        modes = sorted(m for registered, m in _ROLLOUT_REGISTRY if registered == name)
+        raise PreflightError(f"{prefix}.mode={mode!r}: rollout {name!r} has no such mode; choices: {', '.join(modes)}")
+    servable = [registered for registered, m in _ROLLOUT_REGISTRY if m == mode and registered in replicas]
+    _require_registered(f"{prefix}.name", name, "rollout backend", servable)
+
+
+def _check_trainer_mode(cfg: DictConfig) -> None:
+    if not _select(cfg, "trainer.use_v1", True):
+        return
+    import verl.trainer.ppo.v1  # noqa: F401 - its modules register verl's own modes
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    key = "trainer.v1.trainer_mode"
+    _require_registered(key, _select(cfg, key, "sync"), "trainer mode", TRAINER_REGISTRY)
+
+
+# Keys of verl's legacy reward config that 0.9.1's trainer no longer reads (only its fully-async recipe migrates
+# them): set, they would be ignored without a word.
+LEGACY_REWARD_KEYS = {
+    "reward_model.reward_manager": "reward.reward_manager.name",
+    "reward_model.reward_loop_source": "reward.reward_manager.source",
+    "reward_model.reward_loop_module_path": "reward.reward_manager.module.path",
+    "reward_model.reward_loop_class_name": "reward.reward_manager.module.name",
+    "custom_reward_function.path": "reward.custom_reward_function.path",
+    "custom_reward_function.name": "reward.custom_reward_function.name",
+}
+
+
+def _check_custom_reward_function(cfg: DictConfig) -> None:
+    """Loaded with verl's own loader, as the reward workers will; for erc-verl's math reward, its options too."""
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    key = "reward.custom_reward_function"
+    path, name = _select(cfg, f"{key}.path"), _select(cfg, f"{key}.name")
+    if not path:
+        return
+    if not name:
+        raise PreflightError(f"{key}.name={name!r}: name the reward function to call in {path}")
+    try:
+        reward_fn = get_custom_reward_fn(cfg).args[0]  # a partial around the loaded function
+    except AttributeError as err:
+        if "Object not found in module" not in str(err):  # raised while importing the module, not by verl
+            raise PreflightError(f"{key}.path={path!r}: cannot be loaded ({_one_line(err)})") from err
+        raise PreflightError(f"{key}.name={name!r}: {path} defines no {name!r}") from err
+    except Exception as err:  # noqa: BLE001 - whatever importing the user's module raises
+        raise PreflightError(f"{key}.path={path!r}: cannot be loaded ({_one_line(err)})") from err
+    if not callable(reward_fn):
+        raise PreflightError(f"{key}.name={name!r}: {path}'s {name!r} is a {type(reward_fn).__name__}, not a function")
+    from erc_verl.reward import math_verify_score
+
+    if reward_fn.__module__ == math_verify_score.__name__:
+        from erc_verl.reward.judge import MathRewardConfig
+
+        kwargs = dict(_select(cfg, f"{key}.reward_kwargs") or {})
+        try:
+            MathRewardConfig.from_kwargs(kwargs)
+        except (TypeError, ValueError) as err:
+            raise PreflightError(f"{key}.reward_kwargs: {err}") from err
+
+
+def _check_reward_manager(cfg: DictConfig) -> None:
+    """Resolved with verl's own function, after the custom reward function's module (which may register one)."""
+    import verl.experimental.reward_loop.reward_manager  # noqa: F401 - registers verl's own managers
+    from verl.experimental.reward_loop.reward_manager.registry import REWARD_MANAGER
+    from verl.trainer.ppo.reward import resolve_reward_manager_cls
+
+    key = "reward.reward_manager"
+    source, name = _select(cfg, f"{key}.source", "register"), _select(cfg, f"{key}.name")
+    if source == "register":
+        _require_registered(f"{key}.name", name, "reward manager", REWARD_MANAGER)
+        return
+    if source != "importlib":
+        raise PreflightError(f"{key}.source={source!r}: must be 'register' or 'importlib'")
+    path = _select(cfg, f"{key}.module.path")
+    if not path:
+        raise PreflightError(f"{key}.module.path={path!r}: source=importlib needs the file or pkg:// module")
+    try:
+        resolve_reward_manager_cls(cfg)
+    except AttributeError as err:
+        if "Object not found in module" not in str(err):
+            raise PreflightError(f"{key}.module.path={path!r}: cannot be loaded ({_one_line(err)})") from err
+        raise PreflightError(f"{key}.name={name!r}: {path} defines no {name!r}") from err
+    except Exception as err:  # noqa: BLE001 - whatever importing the user's module raises
+        raise PreflightError(f"{key}.module.path={path!r}: cannot be loaded ({_one_line(err)})") from err
+
+
+def check_registry_names(cfg: DictConfig) -> None:
+    """Every name that selects from one of verl's registries is registered: loss mode, advantage estimator, rollout
+    backend, trainer mode, reward manager, and the custom reward function's path and name.
+
+    Read from verl's registries in this process, where `import verl` has loaded every installed plugin (erc-verl's
+    included) and the model's `external_lib` is imported as in the workers, so plugins' names count.
+    """
+    from verl.utils.import_utils import import_external_libs
+
+    key = "actor_rollout_ref.model.external_lib"
+    try:
+        import_external_libs(_select(cfg, key))
+    except ImportError as err:
+        raise PreflightError(f"{key}={_select(cfg, key)!r}: cannot be imported ({_one_line(err)})") from err
+    _check_loss_and_estimator(cfg)
+    _check_rollout_name(cfg, "actor_rollout_ref.rollout")
+    if _select(cfg, "reward.reward_model.enable", False):
+        _check_rollout_name(cfg, "reward.reward_model.rollout")
+    _check_trainer_mode(cfg)
+    for legacy, current in LEGACY_REWARD_KEYS.items():
+        if _select(cfg, legacy) is not None:
+            raise PreflightError(f"{legacy}={_select(cfg, legacy)!r}: a legacy key verl 0.9.1's trainer does not "
+                                 f"read; set {current}")
+    _check_custom_reward_function(cfg)
+    _check_reward_manager(cfg)
+
+
+def _is_local_model(key: str, path) -> bool:
+    """True for an existing directory, False for a hub id or a remote (hdfs://) path; anything else fails."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from verl.utils.fs import is_non_local
+
+    if not isinstance(path, str) or not path:
+        raise PreflightError(f"{key}={path!r}: must be a local model directory or a Hugging Face hub id (org/name)")
+    if is_non_local(path):
+        return False  # verl copies it to local disk
+    if path.endswith("/"):
+        raise PreflightError(f"{key}={path!r}: drop the trailing '/' (verl's copy_to_local refuses it)")
+    if os.path.isdir(path):
+        return True
+    if os.path.exists(path):
+        raise PreflightError(f"{key}={path!r}: a file, not a model directory")
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        pass
+    else:
+        if path.count("/") == 1:
+            return False  # downloaded where verl loads it, as verl does
+    raise PreflightError(f"{key}={path!r}: neither an existing directory nor a Hugging Face hub id (org/name)")
+
+
+def _load(key: str, path: str, load, what: str, trust_remote_code):
+    try:
+        return load(path, trust_remote_code=bool(trust_remote_code), local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a folder it cannot read
+        raise PreflightError(f"{key}={path!r}: transformers cannot load {what} from it ({_one_line(err)})") from err
+
+
+def _check_tokenizer(key: str, path: str, trust_remote_code) -> None:
+    from verl.utils import hf_tokenizer
+
+    tokenizer = _load(key, path, hf_tokenizer, "a tokenizer", trust_remote_code)
+    # transformers builds an empty tokenizer from a model's config.json alone (no vocabulary files)
+    if not tokenizer.encode("1 + 1 = 2", add_special_tokens=False):
+        raise PreflightError(f"{key}={path!r}: the tokenizer transformers loads from it is empty (no vocabulary "
+                             "files in the folder?)")
+
+
+def check_models(cfg: DictConfig) -> None:
+    """Each model the run loads is a local directory or a plausible hub id; from a local directory transformers
+    loads its config and (policy, critic) its tokenizer, as verl's workers will. Nothing is downloaded."""
+    from transformers import AutoConfig
+    from verl.trainer.ppo.utils import need_critic
+
+    for model in ["actor_rollout_ref.model"] + (["critic.model"] if need_critic(cfg) else []):
+        key, tokenizer_key = f"{model}.path", f"{model}.tokenizer_path"
+        trust_remote_code = _select(cfg, f"{model}.trust_remote_code", False)
+        if _is_local_model(key, _select(cfg, key)):
+            _load(key, _select(cfg, key), AutoConfig.from_pretrained, "a model config", trust_remote_code)
+        if not _select(cfg, tokenizer_key):
+            tokenizer_key = key  # verl's default: the tokenizer sits with the model
+        if _is_local_model(tokenizer_key, _select(cfg, tokenizer_key)):
+            _check_tokenizer(tokenizer_key, _select(cfg, tokenizer_key), trust_remote_code)
+    if _select(cfg, "reward.reward_model.enable", False):
+        key = "reward.reward_model.model_path"
+        if _is_local_model(key, _select(cfg, key)):
+            _load(key, _select(cfg, key), AutoConfig.from_pretrained, "a model config",
+                  _select(cfg, "reward.reward_model.trust_remote_code", False))

@@ -12,6 +12,7 @@ e.g. to build a local model and data) and `report` (called after it, e.g. to plo
 
 import contextlib
 import importlib
+import json
 import os
 import sys
 
@@ -59,6 +60,38 @@ def call_hook(cfg, name: str):
     return getattr(importlib.import_module(module), function)(cfg)
 
 
+# ray.init arguments that only apply when it starts a cluster (it rejects most of them when joining one)
+CLUSTER_START_ONLY = ("num_cpus", "num_gpus", "resources", "labels", "object_store_memory", "_system_config",
+                      "_temp_dir", "include_dashboard", "dashboard_host", "dashboard_port")
+
+
+def join_job_cluster(cfg) -> None:
+    """Inside a Ray job (`erc-verl submit`), train on the job's cluster.
+
+    `ray_kwargs.ray_init.address: local` (the CPU recipe: a cluster owned by the run) applies only to runs started
+    outside one; inside a job it would start a second cluster, whose workers cannot fetch the job's working_dir.
+    """
+    from omegaconf import OmegaConf, open_dict
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_config = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    ray_init = cfg.ray_kwargs.ray_init
+    if job_config is None or ray_init.get("address") not in (None, "local", "auto"):
+        return
+    job_env = json.loads(job_config).get("runtime_env", {}).get("env_vars", {})
+    # Ray refuses a variable set both by the job and by ray.init: the job's (`submit --env`) wins
+    env_vars = {k: v for k, v in (OmegaConf.select(ray_init, "runtime_env.env_vars") or {}).items() if k not in job_env}
+    for name in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR"):  # set by run(); the job's workers do not inherit
+        if name in os.environ:  # the driver's env
+            env_vars[name] = os.environ[name]
+    with open_dict(cfg):
+        ray_init.address = None  # ray.init joins RAY_ADDRESS, which the job supervisor sets
+        for key in CLUSTER_START_ONLY:
+            ray_init.pop(key, None)
+        OmegaConf.update(ray_init, "runtime_env.env_vars", env_vars, merge=False, force_add=True)
+    print(f"erc-verl train: in a Ray job: joining its cluster at {os.environ.get('RAY_ADDRESS')}", flush=True)
+
+
 def run(cfg) -> None:
     """Check, set up and run one configuration (what `main_ppo.main` does, plus erc-verl's start-up work)."""
     from omegaconf import OmegaConf
@@ -73,9 +106,12 @@ def run(cfg) -> None:
     try:
         enable_erc(cfg)
         preflight.check_rollout_backend(cfg)
+        preflight.check_registry_names(cfg)
         preflight.check_reference_on_cpu(cfg)
+        preflight.check_shared_paths(cfg)  # before the setup hook, which makes the CPU recipe's paths absolute
         call_hook(cfg, "setup")
         preflight.check_data_files(cfg)
+        preflight.check_models(cfg)
         preflight.check_attention(cfg)  # after the setup hook: it reads the model's head counts
     except (ErcConfigError, preflight.PreflightError) as err:
         raise SystemExit(f"erc-verl train: {err}") from None
@@ -90,6 +126,7 @@ def run(cfg) -> None:
         run_dir = os.path.dirname(os.path.abspath(metrics_file))
         os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
         progress = console.follow(cfg, os.environ["VERL_FILE_LOGGER_PATH"])
+    join_job_cluster(cfg)
     try:
         with progress:
             if cfg.trainer.use_v1:
