@@ -31,8 +31,8 @@ MODEL_20M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=7, n
 def recipe_settings() -> dict:
     recipe = OmegaConf.load(RECIPE)
     return {
-        "model": OmegaConf.to_container(recipe.erc_verl.demo.model),
-        "task": OmegaConf.to_container(recipe.erc_verl.demo.task),
+        "model": OmegaConf.to_container(recipe.erc_verl.demo.model, resolve=True),
+        "task": OmegaConf.to_container(recipe.erc_verl.demo.task, resolve=True),
         "batch": recipe.data.train_batch_size * recipe.actor_rollout_ref.rollout.n,
         "response_length": recipe.data.max_response_length,
         "temperature": recipe.actor_rollout_ref.rollout.get("temperature", 1.0),

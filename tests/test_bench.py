@@ -14,8 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_quick(script: str, out: Path, *extra: str) -> dict:
-    name = script.removeprefix("bench_")
+def run_quick(script: str, out: Path, *extra: str, name: str = "") -> dict:
+    name = name or script.removeprefix("bench_")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / f"{script}.py"), "--quick", "--out", str(out), *extra],
         cwd=REPO,
@@ -70,6 +70,19 @@ def test_bench_e2e(tmp_path):
     assert {r["mode"] for r in result["rows"]} == {"dapo", "erc_dapo"}
     for run in result["runs"]:
         assert run["step_s"] > 0 and run["worker_peak_mib"] > 0 and run["processes"] > 1
+
+
+@pytest.mark.e2e
+def test_bench_e2e_pipeline(tmp_path):
+    # one 2-step run of the recipe (dynamic sampling off, validation before and after), then `sample` alone
+    result = run_quick("bench_e2e", tmp_path, "--pipeline", name="pipeline")
+    (row,) = result["rows"]
+    assert row["steps"] == 2 and 0 < row["first_row_s"] < row["wall_s"]
+    assert row["validation_s"] > 0 and row["gen_s"] > 0 and row["gen_tokens_per_s"] > 0
+    assert len(result["runs"][0]["validation_s"]) == 1  # after the last step (verl times none before training)
+    assert result["sample_alone"]["batch"] == 128 and result["sample_alone"]["tokens_per_s"] > 0
+    assert result["alone_over_pipeline"] == pytest.approx(
+        result["sample_alone"]["tokens_per_s"] / row["gen_tokens_per_s"])
 
 
 def test_fuzz_reward(tmp_path):

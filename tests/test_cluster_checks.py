@@ -90,12 +90,16 @@ def test_cpu_recipe_inside_a_ray_job_joins_its_cluster(monkeypatch):
     job = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip", "env_vars": {"OMP_NUM_THREADS": "4"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "/shared/run/metrics.jsonl.attempt")
+    monkeypatch.setenv("TENSORBOARD_DIR", "/shared/run/tensorboard")
     join_job_cluster(cfg)
     ray_init = OmegaConf.to_container(cfg.ray_kwargs.ray_init)
     assert ray_init["address"] is None  # ray.init then joins RAY_ADDRESS, the job's cluster
     assert not set(CLUSTER_START_ONLY) & set(ray_init), ray_init
     # the job's variable wins over the recipe's (Ray refuses one set twice); the workers learn where to log
-    assert ray_init["runtime_env"]["env_vars"] == {"VERL_FILE_LOGGER_PATH": "/shared/run/metrics.jsonl.attempt"}
+    assert ray_init["runtime_env"]["env_vars"] == {
+        "TQ_NUM_THREADS": "1", "VERL_FILE_LOGGER_PATH": "/shared/run/metrics.jsonl.attempt",
+        "TENSORBOARD_DIR": "/shared/run/tensorboard",
+    }
 
 
 def test_explicit_address_is_kept_inside_a_job(monkeypatch):

@@ -4,16 +4,18 @@ actor, the `hf` rollout, a reward worker and the ERC-DAPO loss.
 Three short runs (module-scoped, each shared by several assertions):
 - `main`: one mini-batch per step, one epoch, dynamic sampling, validation before/after, checkpoint, report. The
   old entropy must be the old policy's (entropy ratio == 1 on that only mini-batch) and rollout log-probs the
-  actor's.
+  actor's. It runs with verl's own loggers, `trainer.logger=[console,file,tensorboard]`: verl's full console
+  (every worker's output included) and TensorBoard event files.
   Its last checkpoint is then evaluated with `erc-verl eval --recipe cpu_tiny_erc_dapo`.
 - `narrow` / `wide`: two mini-batches per step, so the second one sees a moved policy; a narrow band must drop
-  tokens, a very wide one none.
+  tokens, a very wide one none. They run with the recipe's compact console (one line per step).
 The tiny model and data come from the shared cache (built once if missing, as the main command does).
 """
 
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -78,12 +80,13 @@ def main_run(tmp_path_factory):
             "actor_rollout_ref.actor.ppo_epochs=1",
             "trainer.test_freq=2",
             "trainer.save_freq=2",
+            "trainer.logger=[console,file,tensorboard]",
         ],
     )
 
 
 def band_run(tmp_path_factory, name, beta_low, beta_high):
-    rows, _ = train(
+    rows, run_dir = train(
         tmp_path_factory,
         name,
         [
@@ -98,7 +101,7 @@ def band_run(tmp_path_factory, name, beta_low, beta_high):
             "trainer.save_freq=-1",
         ],
     )
-    return train_steps(rows)
+    return train_steps(rows), run_dir
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +125,43 @@ def test_every_step_logs_finite_erc_metrics(main_run):
             assert key in d
 
 
+def log_of(run_dir: str) -> str:
+    return open(os.path.join(os.path.dirname(run_dir), "train.log")).read()
+
+
 def test_actor_engine_computes_the_entropy_without_autograd(main_run):
     from erc_verl.core.entropy import ENGINE_MESSAGE
 
-    log = open(os.path.join(os.path.dirname(main_run[1]), "train.log")).read()
-    assert f"{ENGINE_MESSAGE} (chunks of 2048 tokens)" in log
+    assert f"{ENGINE_MESSAGE} (chunks of 2048 tokens)" in log_of(main_run[1])
+
+
+def test_verls_own_console_and_tensorboard_on_request(main_run):
+    rows, run_dir = main_run
+    log = log_of(run_dir)
+    assert "step:1 - " in log and "step:2 - " in log  # verl's console logger, every metric, from the TaskRunner
+    assert "(TaskRunnerV1 pid=" in log and "(WorkerDict pid=" in log  # the workers' output reaches the terminal
+    assert "[erc-verl] starting Ray" not in log and not re.search(r"^step 1/2 \|", log, re.M)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(run_dir, "tensorboard")).Reload()
+    reward = events.Scalars("critic/score/mean")
+    assert [e.step for e in reward] == [1, 2]
+    assert [e.value for e in reward] == pytest.approx([d["critic/score/mean"] for _, d in train_steps(rows)])
+
+
+def test_compact_console_one_line_per_step(narrow_run):
+    log = log_of(narrow_run[1])
+    lines = log.splitlines()
+    assert "[erc-verl] cpu_tiny_erc_dapo: 1 steps of 8 prompts x 4 samples, no validation" in lines
+    (step_line,) = [line for line in lines if line.startswith("step ")]
+    assert re.fullmatch(
+        r"step 1/1 \| \d+\.\d\d s \| reward \d\.\d{3} \| val acc   -   \| erc_clipfrac \d\.\d{4} \| "
+        r"H ratio \d\.\d{3}-\d\.\d{3} \| ETA 0s",
+        step_line,
+    ), step_line
+    assert "[erc-verl] training finished in " in log and "[erc-verl] no validation ran" in log
+    # verl's metrics dictionary and the Ray workers' output stay off the terminal
+    assert "step:1 - " not in log and "pid=" not in log and "target_num_threads" not in log
 
 
 def test_old_entropy_is_the_old_policys(main_run):
@@ -159,13 +194,13 @@ def test_validation_before_and_after_report_and_checkpoint(main_run):
 
 
 def test_narrow_band_drops_tokens(narrow_run):
-    (_, d), = narrow_run
+    (_, d), = narrow_run[0]
     assert d["actor/entropy_ratio_max"] - d["actor/entropy_ratio_min"] > 1e-4  # the second mini-batch moved
     assert d["actor/erc_clipfrac"] > 0.0
 
 
 def test_very_wide_band_drops_nothing(wide_run):
-    (_, d), = wide_run
+    (_, d), = wide_run[0]
     assert d["actor/entropy_ratio_max"] - d["actor/entropy_ratio_min"] > 1e-4
     assert d["actor/erc_clipfrac"] == 0.0
 
@@ -178,7 +213,7 @@ def test_eval_on_the_runs_checkpoint(main_run, tmp_path):
     _, run_dir = main_run
     checkpoint = os.path.join(run_dir, "checkpoints", "global_step_2")
     warm_start = os.path.join(os.environ.get("ERC_VERL_CACHE", str(REPO_ROOT / ".cache" / "erc_verl")),
-                              "cpu_tiny_arith", "model")
+                              "cpu_tiny_arith_seed_0", "model")
     trained = load_file(os.path.join(checkpoint, "actor", "huggingface", "model.safetensors"))
     initial = load_file(os.path.join(warm_start, "model.safetensors"))
     assert trained.keys() == initial.keys()

@@ -91,26 +91,32 @@ def test_vllm_cpu_backend_registered_next_to_hf():
     assert VLLMCPUServerAdapter.backend == VLLMCPUReplica.backend == "vllm_cpu"
 
 
-def test_server_batches_requests_and_survives_a_cancelled_caller(model):
-    import asyncio
+def in_memory_server(model, **batching):
+    """HFRolloutServer on the in-memory model (batching settings as engine_kwargs.hf), recording the size of every
+    batch it samples in `batch_sizes`."""
     from types import SimpleNamespace
 
     from erc_verl.platform.hf_rollout import HFRolloutServer
 
-    class InMemoryServer(HFRolloutServer):
+    class Server(HFRolloutServer):
         def _load_model(self, model_config):  # the model object itself, instead of a path
             self.model, self.eos_token_ids, self.pad_token_id = model_config, [EOS], PAD
             self.generator = torch.Generator().manual_seed(0)
+            self.batch_sizes = []
 
-    server = InMemoryServer(SimpleNamespace(max_model_len=None, prompt_length=8, response_length=6, seed=0), model, 0)
-    batch_sizes = []
-    generate_batch = server._generate
+        async def _generate(self, requests):
+            self.batch_sizes.append(len(requests))
+            return await super()._generate(requests)
 
-    async def counting(requests):
-        batch_sizes.append(len(requests))
-        return await generate_batch(requests)
+    config = SimpleNamespace(max_model_len=None, prompt_length=8, response_length=6, seed=0,
+                             engine_kwargs={"hf": batching})
+    return Server(config, model, 0)
 
-    server._generate = counting
+
+def test_server_batches_requests_and_survives_a_cancelled_caller(model):
+    import asyncio
+
+    server = in_memory_server(model)
 
     async def scenario():
         same = [asyncio.create_task(server.generate([5, 6, 7], {"temperature": 1.0, "logprobs": True}, f"r{i}"))
@@ -121,7 +127,40 @@ def test_server_batches_requests_and_survives_a_cancelled_caller(model):
         return await asyncio.wait_for(asyncio.gather(*same[1:], other), timeout=60)
 
     results = asyncio.run(scenario())
-    assert sorted(batch_sizes) == [1, 4]  # concurrent requests batched, one sample call per sampling setting
+    assert sorted(server.batch_sizes) == [1, 4]  # concurrent requests batched, one sample call per sampling setting
     for out in results[:3]:
         assert 0 < len(out.token_ids) == len(out.log_probs) <= 6
     assert results[3].log_probs is None  # not requested
+
+
+def _trickle(server, count: int, every_s: float):
+    """`count` requests, one every `every_s` seconds (as verl's agent loop sends them); returns their outputs."""
+    import asyncio
+
+    async def scenario():
+        tasks = []
+        for i in range(count):
+            tasks.append(asyncio.create_task(server.generate([5, 6, 7], {"temperature": 1.0}, f"r{i}")))
+            await asyncio.sleep(every_s)
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+
+    return asyncio.run(scenario())
+
+
+def test_server_waits_for_requests_that_keep_coming(model):
+    # requests 1 ms apart, a 1 s gap allowance: one batch (event-loop timers fire in order, whatever the load)
+    server = in_memory_server(model, batch_gap_ms=1000, batch_wait_ms=10000)
+    assert len(_trickle(server, 12, 0.001)) == 12
+    assert server.batch_sizes == [12]
+
+
+def test_server_stops_waiting_after_batch_wait_ms(model):
+    # requests keep coming for 0.4 s: the first batch starts after at most 50 ms, the rest follow
+    server = in_memory_server(model, batch_gap_ms=1000, batch_wait_ms=50)
+    assert len(_trickle(server, 100, 0.004)) == 100
+    assert sum(server.batch_sizes) == 100 and len(server.batch_sizes) > 1 and server.batch_sizes[0] < 100
+
+
+def test_bad_batching_setting_names_the_key(model):
+    with pytest.raises(ValueError, match=r"engine_kwargs\.hf\.batch_gap_ms must be >= 0"):
+        in_memory_server(model, batch_gap_ms=-1)

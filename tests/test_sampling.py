@@ -153,15 +153,14 @@ def test_validation_samples_as_verl_does(store):
 def cpu_recipe_data():
     import os
 
+    from erc_verl.demo import build
+    from erc_verl.runs.recipes import compose
     from tests import REPO_ROOT
 
-    data = os.path.join(os.environ.get("ERC_VERL_CACHE", str(REPO_ROOT / ".cache" / "erc_verl")), "cpu_tiny_arith")
-    if not os.path.isfile(os.path.join(data, "data", "train.parquet")):
-        from erc_verl.demo import build
-        from erc_verl.runs.recipes import compose
-
-        build.setup(compose("cpu_tiny_erc_dapo"))
-    return data
+    cache = os.environ.get("ERC_VERL_CACHE", str(REPO_ROOT / ".cache" / "erc_verl"))
+    cfg = compose("cpu_tiny_erc_dapo", [f"erc_verl.cache_dir={cache}"])
+    build.setup(cfg)  # the recipe's artifacts, built once and cached
+    return cfg.erc_verl.demo.artifacts
 
 
 def _trainer(data_dir, official: bool, total_training_steps=None):

@@ -88,13 +88,13 @@ def ensure_artifacts(root: str, task: TaskSpec, model_spec: ModelSpec, ws: WarmS
     except (OSError, ValueError):
         fresh = False
     if fresh:
-        print(f"[erc_verl cpu] reusing tiny model, tokenizer and data in {root}", flush=True)
+        print(f"[erc-verl] reusing tiny model, tokenizer and data in {root}", flush=True)
     else:
-        print(f"[erc_verl cpu] building tiny model, tokenizer, data and warm start in {root}", flush=True)
+        print(f"[erc-verl] building tiny model, tokenizer, data and warm start in {root}", flush=True)
         t0 = time.time()
         spec = build(root, task, model_spec, ws)
         loss = spec["warm_start_result"]["final_loss"]
-        print(f"[erc_verl cpu] built in {time.time() - t0:.0f}s (warm-start loss {loss:.3f})", flush=True)
+        print(f"[erc-verl] built in {time.time() - t0:.0f}s (warm-start loss {loss:.3f})", flush=True)
     return paths
 
 

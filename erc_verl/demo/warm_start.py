@@ -72,7 +72,7 @@ def warm_start(model, tokenizer, train_exprs: list[tuple[str, int]], spec: WarmS
         losses.append(loss.item())
         smoothed = loss.item() if smoothed is None else 0.9 * smoothed + 0.1 * loss.item()
         if log_every and (step + 1) % log_every == 0:
-            print(f"[erc_verl warm start] step {step + 1} loss {smoothed:.3f} (stop < {spec.stop_loss})", flush=True)
+            print(f"[erc-verl] warm start: step {step + 1} loss {smoothed:.3f} (stop < {spec.stop_loss})", flush=True)
         if step >= 20 and smoothed < spec.stop_loss:
             break
     model.eval()

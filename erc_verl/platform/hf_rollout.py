@@ -9,7 +9,10 @@ Plugs into verl's two rollout registries the way vLLM does:
 The server samples with :func:`erc_verl.platform.sampler.sample` (token by token with a KV cache, each sampled
 token's log-probability under ``log_softmax(logits / temperature)``, which is what verl's actor recomputes as
 ``old_log_prob``). Concurrent requests are batched (left padding) so one forward pass serves every request in
-flight.
+flight. verl's agent loop sends requests one sample at a time, a few milliseconds apart on a small machine, so the
+server collects them while they keep coming (until none arrived for ``batch_gap_ms``, at most ``batch_wait_ms``)
+before it samples: one large batch costs a fraction of the CPU of many small ones (`bench/bench_rollout.py`).
+Both are set under ``actor_rollout_ref.rollout.engine_kwargs.<backend>``.
 """
 
 import asyncio
@@ -31,11 +34,23 @@ from erc_verl.platform.sampler import sample
 logger = logging.getLogger(__name__)
 
 NAME = "hf"
+# engine_kwargs.<backend> keys of the request batching, and their defaults
+BATCHING_DEFAULTS = {"batch_gap_ms": 10.0, "batch_wait_ms": 100.0}
 
 
 def server_name(backend: str, replica_rank: int) -> str:
     """The Ray actor name of a replica's server (how the actor workers' adapters find it)."""
     return f"{backend}_server_{replica_rank}_0"
+
+
+def batching_settings(config: RolloutConfig, backend: str) -> dict[str, float]:
+    """`BATCHING_DEFAULTS` updated from ``engine_kwargs.<backend>``; a bad value stops the server, naming the key."""
+    given = dict((config.engine_kwargs or {}).get(backend) or {})
+    settings = {key: float(given.get(key, default)) for key, default in BATCHING_DEFAULTS.items()}
+    for key, value in settings.items():
+        if not value >= 0:
+            raise ValueError(f"actor_rollout_ref.rollout.engine_kwargs.{backend}.{key} must be >= 0 (got {value})")
+    return settings
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -61,6 +76,7 @@ class HFRolloutServer:
         self._pending: list[tuple[list[int], tuple, asyncio.Future]] = []  # (prompt, sampling key, future)
         self._batch_task: Optional[asyncio.Task] = None
         self._lock = asyncio.Lock()  # weight updates never interleave with generation
+        self.batching = batching_settings(config, self.backend)
         self._load_model(omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig))
 
     def _load_model(self, model_config: HFModelConfig) -> None:
@@ -107,10 +123,20 @@ class HFRolloutServer:
             extra_fields={"global_steps": self.global_steps},
         )
 
+    async def _collect(self):
+        """Return once requests stopped arriving: none new for `batch_gap_ms`, or `batch_wait_ms` after the call."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batching["batch_wait_ms"] / 1000
+        seen = -1
+        while len(self._pending) != seen and loop.time() < deadline:
+            seen = len(self._pending)
+            await asyncio.sleep(min(self.batching["batch_gap_ms"] / 1000, max(0.0, deadline - loop.time())))
+
     async def _run_batches(self):
-        # Wait a moment so that requests sent together (a prompt's n samples, a batch of prompts) share a batch.
-        await asyncio.sleep(0.005)
-        while self._pending:
+        while True:
+            await self._collect()
+            if not self._pending:
+                return
             pending, self._pending = self._pending, []
             for batch in self._batches(pending):
                 try:

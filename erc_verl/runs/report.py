@@ -82,6 +82,12 @@ def plot(rows: list[tuple[int, dict]], path: str) -> None:
     plt.close(fig)
 
 
+def fmt_duration(seconds: float) -> str:
+    """1m05s / 42s."""
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
@@ -102,16 +108,27 @@ def report(cfg: DictConfig) -> dict:
     )
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    before, after = summary["val_accuracy_before"], summary["val_accuracy_after"]
-    gain = after - before if before is not None and after is not None else None
-    print(
-        "\n[erc_verl] run finished\n"
-        f"  metrics (JSONL, one line per step): {metrics_path}\n"
-        f"  plot: {plot_path}\n"
-        f"  checkpoints: {ckpt_dir} ({len(summary['checkpoints'])} saved)\n"
-        f"  {summary['val_accuracy_key']}: before {_fmt(before)} -> after {_fmt(after)} (gain {_fmt(gain)})\n"
-        f"  {summary['training_steps']} steps, mean {_fmt(summary['mean_step_seconds'])} s/step, "
-        f"max |p_rollout - p_actor| {_fmt(summary['max_rollout_probs_diff'])}",
-        flush=True,
-    )
+    print(summary_text(summary, ckpt_dir), flush=True)
     return summary
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def summary_text(summary: dict, ckpt_dir: str) -> str:
+    """What the run printed last: validation accuracy before -> after, speed, and where the outputs are."""
+    before, after = summary["val_accuracy_before"], summary["val_accuracy_after"]
+    gain = f" ({100 * (after - before):+.1f} points)" if before is not None and after is not None else ""
+    validation = (
+        f"[erc-verl] validation accuracy ({summary['val_accuracy_key']}): {_pct(before)} before -> {_pct(after)} "
+        f"after{gain}" if summary["val_accuracy_key"] else "[erc-verl] no validation ran"
+    )
+    return (
+        f"{validation}\n"
+        f"[erc-verl] {summary['training_steps']} steps, {_fmt(summary['mean_step_seconds'])} s/step, "
+        f"max |p_rollout - p_actor| {_fmt(summary['max_rollout_probs_diff'])}\n"
+        f"[erc-verl] every metric, one line per step: {summary['metrics']}\n"
+        f"[erc-verl] plot: {summary['plot']}\n"
+        f"[erc-verl] checkpoints: {ckpt_dir} ({len(summary['checkpoints'])} saved)"
+    )

@@ -10,6 +10,7 @@ e.g. to build a local model and data) and `report` (called after it, e.g. to plo
 `erc_verl.metrics_file`, the run's metrics JSONL, kept whole across kills and resumes (`erc_verl.runs.metrics`).
 """
 
+import contextlib
 import importlib
 import json
 import os
@@ -80,8 +81,9 @@ def join_job_cluster(cfg) -> None:
     job_env = json.loads(job_config).get("runtime_env", {}).get("env_vars", {})
     # Ray refuses a variable set both by the job and by ray.init: the job's (`submit --env`) wins
     env_vars = {k: v for k, v in (OmegaConf.select(ray_init, "runtime_env.env_vars") or {}).items() if k not in job_env}
-    if "VERL_FILE_LOGGER_PATH" in os.environ:  # set by run(); the job's workers do not inherit the driver's env
-        env_vars["VERL_FILE_LOGGER_PATH"] = os.environ["VERL_FILE_LOGGER_PATH"]
+    for name in ("VERL_FILE_LOGGER_PATH", "TENSORBOARD_DIR"):  # set by run(); the job's workers do not inherit
+        if name in os.environ:  # the driver's env
+            env_vars[name] = os.environ[name]
     with open_dict(cfg):
         ray_init.address = None  # ray.init joins RAY_ADDRESS, which the job supervisor sets
         for key in CLUSTER_START_ONLY:
@@ -99,8 +101,7 @@ def run(cfg) -> None:
     from verl.utils.device import auto_set_device
 
     from erc_verl.core.config import ErcConfigError, enable_erc
-    from erc_verl.runs import metrics
-    from erc_verl.runs import preflight
+    from erc_verl.runs import console, metrics, preflight
 
     try:
         enable_erc(cfg)
@@ -117,17 +118,23 @@ def run(cfg) -> None:
     auto_set_device(cfg)
     validate_config(config=cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     metrics_file = OmegaConf.select(cfg, "erc_verl.metrics_file")
+    progress = contextlib.nullcontext()
     if metrics_file:
         # verl's file logger writes this attempt's rows; erc_verl.runs.metrics keeps the run's file whole
         os.environ["VERL_FILE_LOGGER_PATH"] = metrics.start(cfg, metrics_file)
+        # verl's tensorboard logger (trainer.logger=[...,tensorboard]) writes next to the metrics file
+        run_dir = os.path.dirname(os.path.abspath(metrics_file))
+        os.environ.setdefault("TENSORBOARD_DIR", os.path.join(run_dir, "tensorboard"))
+        progress = console.follow(cfg, os.environ["VERL_FILE_LOGGER_PATH"])
     join_job_cluster(cfg)
     try:
-        if cfg.trainer.use_v1:
-            run_ppo(cfg, task_runner_class=TaskRunnerV1)
-        else:
-            from verl.trainer.main_ppo_v0 import TaskRunner
+        with progress:
+            if cfg.trainer.use_v1:
+                run_ppo(cfg, task_runner_class=TaskRunnerV1)
+            else:
+                from verl.trainer.main_ppo_v0 import TaskRunner
 
-            run_ppo(cfg, task_runner_class=TaskRunner)
+                run_ppo(cfg, task_runner_class=TaskRunner)
     finally:
         if metrics_file:
             metrics.fold(metrics_file)
