@@ -12,7 +12,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from erc_verl.runs.preflight import PreflightError, check_attention, check_reference_on_cpu
+from erc_verl.runs.preflight import PreflightError, check_attention, check_reference_on_cpu, check_token_budgets
 from erc_verl.runs.recipes import compose
 from tests import REPO_ROOT
 
@@ -135,3 +135,22 @@ def test_the_paper_path_trains_end_to_end_on_cpu(run):
     # verl's Ulysses patch was applied on both ranks, and the ERC engine computed the entropy
     assert log.count("Monkey patch _flash_attention_forward in transformers.integrations.flash_attention") == 2
     assert "the actor engine computes the current entropy without autograd" in log
+
+
+@pytest.mark.parametrize("recipe", [RECIPE, PAPER])
+def test_a_token_budget_below_verls_padding_sequence_stops_at_start_up(recipe):
+    """verl pads a batch that does not divide over the ranks with 128-token sequences (a partial batch of the
+    official dynamic sampling): a smaller dynamic-batch budget fails mid-run in verl's micro-batching."""
+    check_token_budgets(compose(recipe))
+    budget = "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu"
+    with pytest.raises(PreflightError, match=rf"{budget}=40 \(x actor_rollout_ref.actor.ulysses_sequence_parallel_"
+                                             rf"size=2\) < 128 tokens.*at least 64"):
+        check_token_budgets(compose(recipe, [f"{budget}=40", "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+                                             "data.max_prompt_length=24", "data.max_response_length=12"]))
+    with pytest.raises(PreflightError, match=r"ppo_max_token_len_per_gpu=5120 .*< 20480 tokens"):  # the paper's
+        check_token_budgets(compose(recipe, ["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=5120",
+                                             "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2",
+                                             "data.max_prompt_length=4096", "data.max_response_length=16384"]))
+    check_token_budgets(compose(recipe, ["actor_rollout_ref.actor.use_dynamic_bsz=false",
+                                         "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=false",
+                                         "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=1"]))

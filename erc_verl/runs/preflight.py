@@ -119,6 +119,41 @@ def check_attention(cfg: DictConfig) -> None:
                 )
 
 
+# (role, its dynamic-batch-size switch, its per-GPU token budget, the role whose Ulysses SP multiplies the budget)
+TOKEN_BUDGETS = (
+    ("actor", "actor_rollout_ref.actor.use_dynamic_bsz", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu", "actor"),
+    ("actor", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz",
+     "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", "actor"),
+    ("ref", "actor_rollout_ref.ref.log_prob_use_dynamic_bsz", "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu",
+     "ref"),
+)
+
+
+def check_token_budgets(cfg: DictConfig) -> None:
+    """With dynamic batch size, a micro-batch's token budget (per GPU x Ulysses SP) must hold the longest sequence:
+    a prompt and a response at their maxima, and the synthetic padding sequence verl adds to a batch that does not
+    divide over the ranks (a partial batch of the official dynamic sampling, say). verl asserts it only when such a
+    sequence arrives, possibly hours into a run."""
+    from verl.trainer.ppo.padding_utils import SYNTHETIC_PADDING_SEQ_LEN
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    longest = max(int(_select(cfg, "data.max_prompt_length", 0)) + int(_select(cfg, "data.max_response_length", 0)),
+                  SYNTHETIC_PADDING_SEQ_LEN)
+    for role, switch, budget_key, sp_role in TOKEN_BUDGETS:
+        if role == "ref" and not need_reference_policy(cfg):
+            continue
+        budget = _select(cfg, budget_key)
+        if not _select(cfg, switch) or budget is None:
+            continue
+        size, sp_key = _sequence_parallel(cfg, sp_role)
+        if int(budget) * size < longest:
+            raise PreflightError(
+                f"{budget_key}={budget} (x {sp_key}={size}) < {longest} tokens, the longest sequence a micro-batch "
+                f"must hold (data.max_prompt_length + data.max_response_length, and verl's "
+                f"{SYNTHETIC_PADDING_SEQ_LEN}-token padding sequence): set it to at least {-(-longest // size)}"
+            )
+
+
 def check_reference_on_cpu(cfg: DictConfig) -> None:
     """verl's reference model (a KL term) cannot run on the CPU platform: verl 0.9.1 builds every forward-only FSDP2
     engine with CPUOffloadPolicy(pin_memory=True), and pinned memory needs an accelerator."""

@@ -108,6 +108,7 @@ def run(cfg) -> None:
         preflight.check_rollout_backend(cfg)
         preflight.check_registry_names(cfg)
         preflight.check_reference_on_cpu(cfg)
+        preflight.check_token_budgets(cfg)
         preflight.check_shared_paths(cfg)  # before the setup hook, which makes the CPU recipe's paths absolute
         call_hook(cfg, "setup")
         preflight.check_data_files(cfg)
