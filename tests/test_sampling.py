@@ -227,3 +227,26 @@ def test_the_trainer_builds_the_official_sampler():
 class _StockTrainer:
     def _build_replay_buffer(self):
         return "verl's"
+
+
+def test_the_official_sampling_takes_only_the_poll_interval_sampler():
+    """erc-verl's poll-interval sampler wraps the buffer the trainer builds (the official one here); any other
+    custom sampler would replace the official sampling, so it stops at start-up."""
+    from erc_verl.core.config import ErcConfigError
+    from erc_verl.runs.recipes import compose
+
+    poll = "trainer.v1.sampler.custom_sampler={path: 'pkg://erc_verl.platform.replay', name: replay_buffer}"
+    cfg = compose("erc_dapo_r1_distill_1p5b", [poll, "+trainer.v1.sampler.sampler_kwargs.poll_interval=0.05"])
+    assert cfg.algorithm.filter_groups.max_num_gen_batches == 1
+    other = "trainer.v1.sampler.custom_sampler={path: 'pkg://my_samplers', name: mine}"
+    with pytest.raises(ErcConfigError, match=r"custom_sampler.path='pkg://my_samplers': .*brings its own sampler"):
+        compose("erc_dapo_r1_distill_1p5b", [other])
+
+
+def test_a_poll_interval_sampler_builds_through_verls_factory_which_gets_the_official_one():
+    trainer = object.__new__(type("Trainer", (OfficialSamplingMixin, _StockTrainer), {}))
+    trainer.config = OmegaConf.create({
+        "algorithm": {"filter_groups": {"enable": True, "max_num_gen_batches": 1}},
+        "trainer": {"v1": {"sampler": {"custom_sampler": {"path": "pkg://erc_verl.platform.replay"}}}},
+    })
+    assert trainer._build_replay_buffer() == "verl's"  # verl's dispatch to the custom sampler's factory

@@ -34,6 +34,10 @@ class ErcConfigError(ValueError):
     """A setting that cannot run; the message names the key and what is allowed."""
 
 
+# erc-verl's custom sampler that only shortens the poll interval of the buffer the trainer builds itself
+# (erc_verl/platform/replay.py): with the official dynamic sampling, that buffer is the official sampler
+POLL_INTERVAL_SAMPLER = "pkg://erc_verl.platform.replay"
+
 def is_erc_mode(loss_mode: str) -> bool:
     return loss_mode.startswith(ERC_PREFIX)
 
@@ -207,7 +211,7 @@ def check_official_sampling(cfg: DictConfig) -> None:
             f"trainer.v1.sync.parameter_sync_step={_select(cfg, 'trainer.v1.sync.parameter_sync_step')!r}: "
             f"{why} trains once per generation batch; set it to 1"
         )
-    if _select(cfg, "trainer.v1.sampler.custom_sampler.path"):
+    if _select(cfg, "trainer.v1.sampler.custom_sampler.path") not in (None, "", POLL_INTERVAL_SAMPLER):
         raise ErcConfigError(
             f"trainer.v1.sampler.custom_sampler.path={_select(cfg, 'trainer.v1.sampler.custom_sampler.path')!r}: "
             f"{why} brings its own sampler; unset one of them"

@@ -92,7 +92,9 @@ class OfficialSamplingMixin:
     official code's (module docstring); otherwise verl's own, unchanged."""
 
     def _build_replay_buffer(self):
-        if not uses_official_sampling(self.config):
+        # a custom sampler (only erc-verl's poll-interval one passes the start-up check) builds through verl's
+        # factory, which calls back here without it
+        if not uses_official_sampling(self.config) or self.config.trainer.v1.sampler.get("custom_sampler"):
             return super()._build_replay_buffer()
         sampler_config = self.config.trainer.v1.sampler
         filter_groups = self.config.algorithm.filter_groups
