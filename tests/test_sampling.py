@@ -208,7 +208,7 @@ def test_dataloader_and_steps_follow_generation_batches(cpu_recipe_data):
 
 def test_the_trainer_builds_the_official_sampler():
     trainer = object.__new__(type("Trainer", (OfficialSamplingMixin, _StockTrainer), {}))
-    trainer.trainer_mode, trainer._add_prompts_to_generate = "sync", print
+    trainer.trainer_mode = "sync"
     trainer.config = OmegaConf.create({
         "algorithm": {"filter_groups": {"enable": True, "metric": "acc", "max_num_gen_batches": 1}},
         "data": {"train_batch_size": 128, "gen_batch_size": 256},
@@ -222,11 +222,6 @@ def test_the_trainer_builds_the_official_sampler():
     assert (sampler.group_size, sampler.world_size, sampler.filter_groups_metric) == (8, 64, "acc")
     trainer.config.algorithm.filter_groups.max_num_gen_batches = 0
     assert trainer._build_replay_buffer() == "verl's"
-
-
-class _StockTrainer:
-    def _build_replay_buffer(self):
-        return "verl's"
 
 
 def test_the_official_sampling_takes_only_the_poll_interval_sampler():
@@ -243,10 +238,30 @@ def test_the_official_sampling_takes_only_the_poll_interval_sampler():
         compose("erc_dapo_r1_distill_1p5b", [other])
 
 
-def test_a_poll_interval_sampler_builds_through_verls_factory_which_gets_the_official_one():
+def test_the_poll_interval_sampler_gets_the_official_sampler_with_its_poll():
+    """verl calls the custom sampler's factory (tests/test_replay.py); the factory asks the trainer for its own
+    buffer without the custom sampler, which with the official sampling is the official sampler."""
+    from erc_verl.platform.replay import replay_buffer
+
     trainer = object.__new__(type("Trainer", (OfficialSamplingMixin, _StockTrainer), {}))
+    trainer.trainer_mode = "sync"
     trainer.config = OmegaConf.create({
-        "algorithm": {"filter_groups": {"enable": True, "max_num_gen_batches": 1}},
-        "trainer": {"v1": {"sampler": {"custom_sampler": {"path": "pkg://erc_verl.platform.replay"}}}},
+        "algorithm": {"filter_groups": {"enable": True, "metric": "acc", "max_num_gen_batches": 1}},
+        "data": {"train_batch_size": 128, "gen_batch_size": 256},
+        "actor_rollout_ref": {"rollout": {"n": 8}},
+        "trainer": {"nnodes": 8, "n_gpus_per_node": 8, "v1": {"sync": {}, "sampler": {
+            "max_off_policy_threshold": None, "max_off_policy_strategy": "drop", "sampler_kwargs": {},
+            "custom_sampler": {"path": "pkg://erc_verl.platform.replay", "name": "replay_buffer"}}}},
     })
-    assert trainer._build_replay_buffer() == "verl's"  # verl's dispatch to the custom sampler's factory
+    assert trainer._build_replay_buffer() == "verl's"  # a custom sampler is verl's to dispatch
+    sampler = replay_buffer(refill_fn=trainer._add_prompts_to_generate, sampler_kwargs={"poll_interval": 0.05})
+    assert isinstance(sampler, OfficialDapoSampler) and sampler.poll_interval == 0.05
+    assert trainer.config.trainer.v1.sampler.custom_sampler.path == "pkg://erc_verl.platform.replay"  # restored
+
+
+class _StockTrainer:
+    def _build_replay_buffer(self):
+        return "verl's"
+
+    def _add_prompts_to_generate(self, count):
+        pass
