@@ -214,7 +214,8 @@ def test_the_trainer_builds_the_official_sampler():
         "data": {"train_batch_size": 128, "gen_batch_size": 256},
         "actor_rollout_ref": {"rollout": {"n": 8}},
         "trainer": {"nnodes": 8, "n_gpus_per_node": 8, "v1": {"sync": {}, "sampler": {
-            "max_off_policy_threshold": None, "max_off_policy_strategy": "drop", "sampler_kwargs": {}}}},
+            "max_off_policy_threshold": None, "max_off_policy_strategy": "drop", "sampler_kwargs": {},
+            "custom_sampler": {"path": None, "name": None}}}},  # verl's default: no custom sampler
     })
     sampler = trainer._build_replay_buffer()
     assert isinstance(sampler, OfficialDapoSampler)

@@ -94,7 +94,8 @@ class OfficialSamplingMixin:
     def _build_replay_buffer(self):
         # a custom sampler (only erc-verl's poll-interval one passes the start-up check) builds through verl's
         # factory, which calls back here without it
-        if not uses_official_sampling(self.config) or self.config.trainer.v1.sampler.get("custom_sampler"):
+        custom_sampler = self.config.trainer.v1.sampler.get("custom_sampler") or {}
+        if not uses_official_sampling(self.config) or custom_sampler.get("path"):  # verl's own test for one
             return super()._build_replay_buffer()
         sampler_config = self.config.trainer.v1.sampler
         filter_groups = self.config.algorithm.filter_groups
