@@ -125,6 +125,7 @@ def test_the_paper_path_trains_end_to_end_on_cpu(run):
             assert math.isfinite(d[key]), key
         # bf16 actor against the bf16 rollout: rounding, not a wrong attention (that gives ~0.5, see the README)
         assert d["training/rollout_probs_diff_mean"] < 1e-2 and d["training/rollout_probs_diff_max"] < 0.2
+        assert d["training/filter_groups/gen_batches"] >= 1  # the official dynamic sampling, as the paper recipes
     first = steps[0][1]  # lr warms up from 0: both mini-batches of step 1 see the old policy
     assert first["actor/entropy_ratio_min"] == pytest.approx(1.0, abs=1e-3)
     assert first["actor/entropy_ratio_max"] == pytest.approx(1.0, abs=1e-3)
