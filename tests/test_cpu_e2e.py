@@ -223,15 +223,15 @@ def test_eval_on_the_runs_checkpoint(main_run, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "erc_verl", "eval", "--recipe", "cpu_tiny_erc_dapo",
-         "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--k", "1,4", "--out", str(out)],
+         "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--n", "4", "--k", "1,4", "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
-    assert report["settings"] == {"n": 4, "temperature": 1.5, "top_p": 1.0, "max_response_length": 12}
+    assert report["settings"] == {"n": 4, "temperature": 2.0, "top_p": 1.0, "max_response_length": 12}
     for run in ("warm_start", "step2"):
         bench = report["results"][run]["val"]
-        assert bench["problems"] == 128 and bench["n"] == 4
+        assert bench["problems"] == 512 and bench["n"] == 4
         assert 0.0 < bench["avg@4"] <= bench["pass@4"] <= 1.0
     lines = (out / "eval.md").read_text().splitlines()
     assert lines[0] == "| avg@4 | val |"

@@ -1,9 +1,10 @@
 """Synthetic verifiable math: small-integer arithmetic answered in ``\\boxed{}``, written as verl RL parquet.
 
-Every question is one sum ``a+b`` of a two-digit ``a`` and a one-digit ``b``: a tiny transformer can learn it
-compositionally (units digit from a 10x10 table, tens digit plus carry), so a held-out expression is answerable
-without having been seen. The held-out split holds expressions that appear neither in the RL training split nor in
-the warm-start data (which is drawn from the training split). Rows follow verl's RL dataset layout
+Every question is one sum ``a+b`` or difference ``a-b`` of a two-digit ``a`` and a one-digit ``b``: a tiny
+transformer can learn it compositionally (units digit from a 10x10 table, tens digit with carry or borrow), so a
+held-out expression is answerable without having been seen. The held-out split holds expressions that appear neither
+in the RL training split nor in the warm-start data (which is drawn from the training split). With both operations
+there are 1800 expressions: 512 held out still leave 1288 to train on. Rows follow verl's RL dataset layout
 (`erc_verl.data.rows`).
 """
 
@@ -22,7 +23,8 @@ class TaskSpec:
     min_a: int = 10
     max_a: int = 100
     max_b: int = 10
-    n_val: int = 128
+    ops: str = "+-"
+    n_val: int = 512
     seed: int = 0
 
 
@@ -34,13 +36,26 @@ def answer_text(value: int) -> str:
     return f"\\boxed{{{value}}}"
 
 
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b}
+
+
 def all_expressions(spec: TaskSpec) -> list[tuple[str, int]]:
-    return [(f"{a}+{b}", a + b) for a in range(spec.min_a, spec.max_a) for b in range(spec.max_b)]
+    unknown = set(spec.ops) - set(_APPLY)
+    if unknown or not spec.ops:
+        raise ValueError(f"erc_verl.demo.task.ops={spec.ops!r}: use one or more of {sorted(_APPLY)}")
+    return [
+        (f"{a}{op}{b}", _APPLY[op](a, b))
+        for op in spec.ops
+        for a in range(spec.min_a, spec.max_a)
+        for b in range(spec.max_b)
+    ]
 
 
 def split(spec: TaskSpec) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(train, val): a seeded, disjoint split of every expression."""
     exprs = all_expressions(spec)
+    if not 0 < spec.n_val < len(exprs):
+        raise ValueError(f"erc_verl.demo.task.n_val={spec.n_val}: must be in [1, {len(exprs) - 1}] for this task")
     random.Random(spec.seed).shuffle(exprs)
     return exprs[spec.n_val :], exprs[: spec.n_val]
 
