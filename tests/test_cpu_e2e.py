@@ -93,6 +93,7 @@ def band_run(tmp_path_factory, name, beta_low, beta_high):
             "trainer.total_training_steps=1",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # two mini-batches: the second sees a moved policy
             "actor_rollout_ref.actor.optim.lr=1e-3",
+            "actor_rollout_ref.actor.optim.lr_warmup_steps=-1",  # the recipe's ramp starts at lr 0: one step moves nothing
             f"actor_rollout_ref.actor.policy_loss.erc_beta_low={beta_low}",
             f"actor_rollout_ref.actor.policy_loss.erc_beta_high={beta_high}",
             "algorithm.filter_groups.enable=false",

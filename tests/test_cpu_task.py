@@ -141,3 +141,16 @@ def test_warm_start_learns_and_accuracy_is_measured_by_sampling():
     result = warm_start(model, tok, train, spec, verbose=False)
     assert result["accuracy"] >= 0.9 and result["steps"] < 600 and not model.training
     assert sampled_accuracy(model, tok, train[:8], 0.5, 0) == result["accuracy"]  # seeded: the same measurement
+
+
+def test_recipe_sections_become_specs_and_an_unknown_key_is_named():
+    from omegaconf import OmegaConf
+
+    from erc_verl.runs.recipes import compose
+
+    cfg = compose("cpu_tiny_erc_dapo", ["actor_rollout_ref.rollout.temperature=1.7"])
+    task, model_spec, ws = prepare.specs_from_config(cfg.erc_verl.demo)
+    assert (task.n_val, task.ops, ws.temperature, ws.seed) == (512, "+-", 1.7, 0)  # the rollout's temperature
+    old = OmegaConf.create({"warm_start": {"stop_loss": 0.12}})
+    with pytest.raises(ValueError, match=r"erc_verl\.demo\.warm_start\.stop_loss: no such setting"):
+        prepare.specs_from_config(old)

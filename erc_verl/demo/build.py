@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -25,11 +25,16 @@ BUILD_VERSION = 2
 
 def specs_from_config(cpu_cfg: DictConfig) -> tuple[TaskSpec, ModelSpec, WarmStartSpec]:
     section = OmegaConf.to_container(cpu_cfg, resolve=True)
-    return (
-        TaskSpec(**section.get("task", {})),
-        ModelSpec(**section.get("model", {})),
-        WarmStartSpec(**section.get("warm_start", {})),
-    )
+    specs = []
+    for key, cls in (("task", TaskSpec), ("model", ModelSpec), ("warm_start", WarmStartSpec)):
+        given = section.get(key, {})
+        unknown = sorted(set(given) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"erc_verl.demo.{key}.{unknown[0]}: no such setting; the settings: {[f.name for f in fields(cls)]}"
+            )
+        specs.append(cls(**given))
+    return tuple(specs)
 
 
 def artifact_paths(root: str) -> dict[str, str]:
