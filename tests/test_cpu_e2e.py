@@ -93,7 +93,7 @@ def band_run(tmp_path_factory, name, beta_low, beta_high):
             "trainer.total_training_steps=1",
             "actor_rollout_ref.actor.ppo_mini_batch_size=4",  # two mini-batches: the second sees a moved policy
             "actor_rollout_ref.actor.optim.lr=1e-3",
-            "actor_rollout_ref.actor.optim.lr_warmup_steps=-1",  # the recipe's ramp starts at lr 0: one step moves nothing
+            "actor_rollout_ref.actor.optim.lr_warmup_steps=-1",  # the recipe's ramp starts at lr 0
             f"actor_rollout_ref.actor.policy_loss.erc_beta_low={beta_low}",
             f"actor_rollout_ref.actor.policy_loss.erc_beta_high={beta_high}",
             "algorithm.filter_groups.enable=false",
@@ -224,7 +224,8 @@ def test_eval_on_the_runs_checkpoint(main_run, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run(
         [sys.executable, "-m", "erc_verl", "eval", "--recipe", "cpu_tiny_erc_dapo",
-         "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--n", "4", "--k", "1,4", "--out", str(out)],
+         "--model", f"warm_start={warm_start}", "--model", f"step2={checkpoint}", "--n", "4", "--k", "1,4",
+         "--out", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

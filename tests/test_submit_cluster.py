@@ -392,7 +392,13 @@ def lost_run(cluster, client_token, run_dir):
             assert time.monotonic() < deadline, "no checkpoint of step 1 in 10 minutes"
             time.sleep(0.5)
         cluster.lose_worker()
-        rc = follow.wait(timeout=600)
+        try:
+            rc = follow.wait(timeout=600)
+        except subprocess.TimeoutExpired:  # show where the job (or its log stream) hung, not just the timeout
+            follow.kill()
+            follow.wait()
+            pytest.fail(f"no end of the job in 10 minutes after losing the worker node; its output:\n"
+                        f"{log.read_text()[-8000:]}")
     cluster.start_worker()
     _alive_nodes(cluster, other_than=before)  # the replacement has joined before the next run places its workers
     text = log.read_text()

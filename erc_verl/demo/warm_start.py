@@ -112,6 +112,7 @@ def warm_start(model, tokenizer, train_exprs: list[tuple[str, int]], spec: WarmS
             if accuracy >= spec.stop_accuracy:
                 break
     if verbose and accuracy < spec.stop_accuracy:
-        print(f"[erc-verl] warm start: {spec.stop_accuracy:.0%} not reached in {step} steps; RL starts lower", flush=True)
+        print(f"[erc-verl] warm start: {spec.stop_accuracy:.0%} not reached in {step} steps; RL starts lower",
+              flush=True)
     model.eval()
     return {"steps": step, "loss": smoothed, "accuracy": accuracy}
